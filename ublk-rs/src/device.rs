@@ -1,0 +1,453 @@
+//! Creating a device ([`DeviceBuilder`]), the [`Device`] guard that deletes
+//! it unless handed off, and running its queues.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::ctrl::{char_dev_path, Control, DevInfo};
+use crate::params::Params;
+use crate::queue::{CopyMode, Queue, QueueConfig, QueueStats};
+use crate::target::Target;
+use crate::{Error, Features, Result};
+
+/// Default queue depth (as ublksrv and kublk).
+pub const DEFAULT_DEPTH: u16 = 128;
+/// Default largest request: 512 KiB.
+pub const DEFAULT_MAX_IO_BYTES: u32 = 512 << 10;
+/// Largest request the UAPI can address per tag (`UBLK_IO_BUF_BITS`).
+pub const MAX_IO_BYTES: u32 = 1 << ublk_sys::UBLK_IO_BUF_BITS;
+
+/// Describes a device to add.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBuilder {
+    id: Option<u32>,
+    queues: u16,
+    depth: u16,
+    max_io_bytes: u32,
+    mode: CopyMode,
+    flags: Features,
+}
+
+impl Default for DeviceBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeviceBuilder {
+    /// One queue of depth 128, 512 KiB requests, kernel copies.
+    pub const fn new() -> Self {
+        Self {
+            id: None,
+            queues: 1,
+            depth: DEFAULT_DEPTH,
+            max_io_bytes: DEFAULT_MAX_IO_BYTES,
+            mode: CopyMode::Copy,
+            flags: Features::empty(),
+        }
+    }
+    /// A specific device id (default: the next free one).
+    pub const fn id(mut self, id: u32) -> Self {
+        self.id = Some(id);
+        self
+    }
+    /// Number of queues.
+    pub const fn queues(mut self, n: u16) -> Self {
+        self.queues = n;
+        self
+    }
+    /// Tags per queue.
+    pub const fn depth(mut self, depth: u16) -> Self {
+        self.depth = depth;
+        self
+    }
+    /// Largest request in bytes.
+    pub const fn max_io_bytes(mut self, bytes: u32) -> Self {
+        self.max_io_bytes = bytes;
+        self
+    }
+    /// How data moves.
+    pub const fn copy_mode(mut self, mode: CopyMode) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// Further `UBLK_F_*` flags (recovery, unprivileged, …).
+    pub const fn flags(mut self, flags: Features) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    /// The flags `ADD_DEV` will ask for on a kernel with `kernel` features.
+    pub fn requested_flags(&self, kernel: Features) -> Features {
+        let mut f = self.flags | self.mode.features();
+        if kernel.contains(Features::CMD_IOCTL_ENCODE) {
+            f |= Features::CMD_IOCTL_ENCODE;
+        }
+        f
+    }
+
+    /// Checks the arguments without a kernel.
+    pub fn validate(&self) -> Result<()> {
+        if self.queues == 0 || u32::from(self.queues) > ublk_sys::UBLK_MAX_NR_QUEUES {
+            return Err(Error::Invalid(format!(
+                "number of queues {} is outside 1..={}",
+                self.queues,
+                ublk_sys::UBLK_MAX_NR_QUEUES
+            )));
+        }
+        if self.depth == 0 || u32::from(self.depth) > ublk_sys::UBLK_MAX_QUEUE_DEPTH {
+            return Err(Error::Invalid(format!(
+                "queue depth {} is outside 1..={}",
+                self.depth,
+                ublk_sys::UBLK_MAX_QUEUE_DEPTH
+            )));
+        }
+        if self.max_io_bytes < 4096
+            || self.max_io_bytes > MAX_IO_BYTES
+            || self.max_io_bytes % 4096 != 0
+        {
+            return Err(Error::Invalid(format!(
+                "largest request {} bytes must be a multiple of 4096 in 4096..={MAX_IO_BYTES}",
+                self.max_io_bytes
+            )));
+        }
+        let f = self.flags | self.mode.features();
+        if f.contains(Features::UNPRIVILEGED_DEV)
+            && f.intersects(
+                Features::USER_COPY | Features::SUPPORT_ZERO_COPY | Features::AUTO_BUF_REG,
+            )
+        {
+            return Err(Error::Invalid(
+                "unprivileged devices cannot use zero copy, auto buffer registration or user copy (the kernel forbids it)"
+                    .into(),
+            ));
+        }
+        if f.intersects(
+            Features::USER_RECOVERY_REISSUE | Features::USER_RECOVERY_FAIL_IO | Features::QUIESCE,
+        ) && !f.contains(Features::USER_RECOVERY)
+        {
+            return Err(Error::Invalid(
+                "recovery reissue, fail-I/O and quiesce need user recovery (-r 1)".into(),
+            ));
+        }
+        if f.contains(Features::USER_RECOVERY_REISSUE | Features::USER_RECOVERY_FAIL_IO) {
+            return Err(Error::Invalid(
+                "recovery reissue (-i 1) and fail-I/O (-e 1) exclude each other".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `ADD_DEV`, then opens the new char device. Features the kernel lacks
+    /// are refused by name before anything is created; on any later error
+    /// the half-made device is deleted again.
+    #[allow(clippy::should_implement_trait)] // `add` is the ublk verb (ADD_DEV)
+    pub fn add(self, ctrl: Arc<Control>) -> Result<Device> {
+        self.validate()?;
+        let flags = self.requested_flags(ctrl.features());
+        ctrl.require(flags)?;
+        let mut raw = ublk_sys::ublksrv_ctrl_dev_info {
+            nr_hw_queues: self.queues,
+            queue_depth: self.depth,
+            max_io_buf_bytes: self.max_io_bytes,
+            dev_id: self.id.unwrap_or(u32::MAX),
+            ublksrv_pid: -1,
+            flags: flags.bits(),
+            ..Default::default()
+        };
+        raw.state = ublk_sys::UBLK_S_DEV_DEAD as u16;
+        let info = ctrl.add_dev(&DevInfo(raw))?;
+        let mut dev = Device {
+            ctrl,
+            info,
+            cdev: None,
+            mode: self.mode,
+            params: None,
+            armed: true,
+        };
+        dev.cdev = Some(open_char_dev(info.id())?);
+        Ok(dev)
+    }
+}
+
+/// Opens `/dev/ublkcN`, waiting up to 5 s for udev/devtmpfs to create it.
+pub fn open_char_dev(id: u32) -> Result<OwnedFd> {
+    let path = char_dev_path(id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => return Ok(f.into()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => return Err(Error::Open { path, source }),
+        }
+    }
+}
+
+/// What a running queue reports once its device is live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The queue.
+    pub q_id: u16,
+    /// The thread serving it.
+    pub tid: i32,
+    /// The CPUs it is pinned to.
+    pub affinity: Vec<usize>,
+}
+
+/// An added device. Dropping it stops and deletes the device, unless it was
+/// handed off with [`Device::keep`].
+#[derive(Debug)]
+pub struct Device {
+    ctrl: Arc<Control>,
+    info: DevInfo,
+    cdev: Option<OwnedFd>,
+    mode: CopyMode,
+    params: Option<Params>,
+    armed: bool,
+}
+
+/// How [`Device::run`] brings the device up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// `START_DEV` (a new device).
+    Start,
+    /// `END_USER_RECOVERY` (a device being recovered).
+    Recover,
+}
+
+impl Device {
+    /// Takes over the existing device `id` for user recovery:
+    /// `START_USER_RECOVERY`, then reopens its char device. Serve it with
+    /// [`Device::run`] and [`StartKind::Recover`].
+    pub fn recover(ctrl: Arc<Control>, id: u32, mode: CopyMode) -> Result<Self> {
+        let info = ctrl.dev_info(id)?;
+        if !info.flags().contains(Features::USER_RECOVERY) {
+            return Err(Error::Invalid(format!(
+                "device {id} was not created with user recovery (-r 1)"
+            )));
+        }
+        ctrl.start_user_recovery(info.dev_ref())?;
+        let params = ctrl.get_params(info.dev_ref()).ok();
+        let cdev = open_char_dev(id)?;
+        // A failed recovery must not delete the device the user wants back.
+        Ok(Self {
+            ctrl,
+            info,
+            cdev: Some(cdev),
+            mode,
+            params,
+            armed: false,
+        })
+    }
+
+    /// The device info (as of creation or the last refresh).
+    pub fn info(&self) -> &DevInfo {
+        &self.info
+    }
+
+    /// The device id.
+    pub fn id(&self) -> u32 {
+        self.info.id()
+    }
+
+    /// The control device.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.ctrl
+    }
+
+    /// The block device path.
+    pub fn block_path(&self) -> PathBuf {
+        crate::ctrl::block_dev_path(self.id())
+    }
+
+    /// Validates and sets the parameters.
+    pub fn set_params(&mut self, params: &Params) -> Result<()> {
+        params.validate()?;
+        if let Some(b) = &params.basic {
+            if b.max_sectors > self.info.max_io_buf_bytes() >> 9 {
+                return Err(Error::Invalid(format!(
+                    "largest request of {} sectors exceeds the device's {} bytes",
+                    b.max_sectors,
+                    self.info.max_io_buf_bytes()
+                )));
+            }
+        }
+        self.ctrl.set_params(self.info.dev_ref(), params)?;
+        self.params = Some(*params);
+        Ok(())
+    }
+
+    /// Leaves the device in place when this guard drops (for recovery).
+    pub fn keep(&mut self) {
+        self.armed = false;
+    }
+
+    /// Whether dropping this guard deletes the device.
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Serves the device: one thread per queue (pinned to the queue's CPUs),
+    /// each with a target from `make_target(q_id)`; brings the device up
+    /// with `start`; calls `on_live` once it is; returns when every queue
+    /// has stopped (after `STOP_DEV` from anyone, or the server's death).
+    pub fn run<T, F, L>(
+        &mut self,
+        start: StartKind,
+        make_target: F,
+        on_live: L,
+    ) -> Result<Vec<QueueStats>>
+    where
+        T: Target,
+        F: Fn(u16) -> io::Result<T> + Sync,
+        L: FnOnce(&DevInfo, &[QueueInfo]),
+    {
+        let cdev = self
+            .cdev
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("device has no char device".into()))?;
+        let capacity_sectors = self
+            .params
+            .and_then(|p| p.basic)
+            .map(|b| b.dev_sectors)
+            .ok_or_else(|| {
+                Error::Invalid("set the basic parameters before running the device".into())
+            })?;
+        let dev = self.info.dev_ref();
+        let nr = self.info.nr_queues();
+        let ctrl = &self.ctrl;
+        let info = self.info;
+        let mode = self.mode;
+        let make_target = &make_target;
+        let result = std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel::<Result<QueueInfo>>();
+            let mut handles = Vec::with_capacity(usize::from(nr));
+            for q_id in 0..nr {
+                let tx = tx.clone();
+                let affinity = ctrl.queue_affinity(dev, q_id).unwrap_or_default();
+                let cfg = QueueConfig {
+                    dev_id: info.id(),
+                    q_id,
+                    depth: info.queue_depth(),
+                    max_io_bytes: info.max_io_buf_bytes(),
+                    capacity_sectors,
+                    mode,
+                    encoding: ctrl.encoding(),
+                };
+                let cdev = cdev.as_fd();
+                let h = std::thread::Builder::new()
+                    .name(format!("ublk{}q{q_id}", info.id()))
+                    .spawn_scoped(s, move || -> Result<QueueStats> {
+                        pin_to(&affinity);
+                        let setup = (|| -> Result<(T, Queue<'_>)> {
+                            let target =
+                                make_target(q_id).map_err(Error::io("creating the target"))?;
+                            let mut q = Queue::new(cfg, cdev, &target.fixed_files())?;
+                            q.fetch_all()?;
+                            Ok((target, q))
+                        })();
+                        match setup {
+                            Ok((mut target, q)) => {
+                                let tid = rustix::thread::gettid().as_raw_nonzero().get();
+                                let _ = tx.send(Ok(QueueInfo {
+                                    q_id,
+                                    tid,
+                                    affinity,
+                                }));
+                                drop(tx);
+                                q.run(&mut target)
+                            }
+                            Err(e) => {
+                                let msg = e.to_string();
+                                let _ = tx.send(Err(e));
+                                Err(Error::Invalid(msg))
+                            }
+                        }
+                    })
+                    .map_err(Error::io("spawning a queue thread"))?;
+                handles.push(h);
+            }
+            drop(tx);
+            let mut queues = Vec::with_capacity(usize::from(nr));
+            let mut failure = None;
+            for r in rx.iter().take(usize::from(nr)) {
+                match r {
+                    Ok(q) => queues.push(q),
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            let started = match failure {
+                Some(e) => Err(e),
+                None => match start {
+                    StartKind::Start => ctrl.start_dev(dev, std::process::id() as i32),
+                    StartKind::Recover => ctrl.end_user_recovery(dev, std::process::id() as i32),
+                },
+            };
+            match started {
+                Ok(()) => {
+                    queues.sort_by_key(|q| q.q_id);
+                    let live = ctrl.dev_info(dev.id).unwrap_or(info);
+                    on_live(&live, &queues);
+                }
+                // Cancels the commands the queues fetched, so they return.
+                Err(_) => {
+                    let _ = ctrl.stop_dev(dev);
+                }
+            }
+            let mut stats = Vec::with_capacity(handles.len());
+            for h in handles {
+                match h.join() {
+                    Ok(r) => stats.push(r),
+                    Err(_) => stats.push(Err(Error::Invalid("a queue thread panicked".into()))),
+                }
+            }
+            started?;
+            stats.into_iter().collect::<Result<Vec<_>>>()
+        });
+        self.info = self.ctrl.dev_info(self.info.id()).unwrap_or(self.info);
+        result
+    }
+}
+
+/// Pins the calling thread to `cpus` (no-op if empty or refused).
+fn pin_to(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    for &c in cpus {
+        if c < rustix::thread::CpuSet::MAX_CPU {
+            set.set(c);
+        }
+    }
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        log::debug!("cannot pin queue thread to {cpus:?}: {e}");
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // Kernel order: stop (aborts the queues' commands), release the
+        // char device (DEL_DEV waits for its last close), then delete.
+        if !self.armed {
+            return;
+        }
+        let dev = self.info.dev_ref();
+        if let Err(e) = self.ctrl.stop_dev(dev) {
+            log::debug!("stopping device {}: {e}", dev.id);
+        }
+        drop(self.cdev.take());
+        if let Err(e) = self.ctrl.del_dev(dev) {
+            log::warn!("deleting device {}: {e}", dev.id);
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::Features;
+
+/// What went wrong, with enough context to say so in one line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `/dev/ublk-control` does not exist.
+    #[error("{path} not found: load the ublk_drv kernel module (modprobe ublk_drv)")]
+    NoDriver {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+    /// Opening a device node failed.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The node.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A control or I/O command failed in the kernel.
+    #[error("{cmd} failed{}: {}", dev_suffix(*.dev_id), errno_text(*.errno))]
+    Command {
+        /// The command's kernel name, e.g. `UBLK_U_CMD_ADD_DEV`.
+        cmd: &'static str,
+        /// The device it was about, if any.
+        dev_id: Option<u32>,
+        /// The positive errno the kernel returned.
+        errno: i32,
+    },
+    /// The kernel lacks a requested feature.
+    #[error("the running kernel's ublk driver does not support {missing} (kernel features: {kernel:#x})")]
+    Unsupported {
+        /// The requested features the kernel lacks.
+        missing: Features,
+        /// The kernel's whole feature mask.
+        kernel: u64,
+    },
+    /// An argument was rejected before it reached the kernel.
+    #[error("{0}")]
+    Invalid(String),
+    /// Any other I/O error (io_uring set-up, mmap, …).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn dev_suffix(dev_id: Option<u32>) -> String {
+    dev_id
+        .map(|id| format!(" for device {id}"))
+        .unwrap_or_default()
+}
+
+fn errno_text(errno: i32) -> String {
+    format!("{} (errno {errno})", io::Error::from_raw_os_error(errno))
+}
+
+impl Error {
+    /// The errno of a failed kernel command, if this is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Command { errno, .. } => Some(*errno),
+            Self::Open { source, .. } | Self::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io { what, source }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

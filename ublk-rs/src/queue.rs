@@ -1,0 +1,666 @@
+//! One queue of a device: its io_uring, descriptor array and buffers, and the
+//! FETCH → handle → COMMIT_AND_FETCH loop that serves it.
+#![allow(unsafe_code)] // ring submission of entries that point at our buffers
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use io_uring::squeue::{Entry, Flags as SqeFlags};
+use io_uring::{cqueue, squeue, types, IoUring, SubmissionQueue, Submitter};
+
+use crate::cmd::{self, AutoBufReg, Encoding};
+use crate::mem::{DescArray, IoBuffers};
+use crate::target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
+use crate::{Error, Features, Result};
+
+/// How request data moves between the kernel and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// The kernel copies to and from a buffer per tag that the server owns.
+    #[default]
+    Copy,
+    /// Like `Copy`, but writes arrive first without data (`UBLK_F_NEED_GET_DATA`).
+    NeedGetData,
+    /// The server copies with pread/pwrite on the char device (`UBLK_F_USER_COPY`).
+    UserCopy,
+    /// The server registers the request's pages into its ring
+    /// (`UBLK_F_SUPPORT_ZERO_COPY`).
+    ZeroCopy,
+    /// The kernel registers the request's pages before delivering it
+    /// (`UBLK_F_AUTO_BUF_REG`); with `fallback`, a failed registration is
+    /// reported and done by the server instead of failing the request.
+    AutoBufReg {
+        /// Pass `UBLK_AUTO_BUF_REG_FALLBACK`.
+        fallback: bool,
+    },
+}
+
+impl CopyMode {
+    /// The device flags this mode needs.
+    pub fn features(self) -> Features {
+        match self {
+            Self::Copy => Features::empty(),
+            Self::NeedGetData => Features::NEED_GET_DATA,
+            Self::UserCopy => Features::USER_COPY,
+            Self::ZeroCopy => Features::SUPPORT_ZERO_COPY,
+            Self::AutoBufReg { .. } => Features::AUTO_BUF_REG,
+        }
+    }
+
+    /// The mode a device with `flags` uses (`fallback` for auto registration).
+    pub fn from_flags(flags: Features, fallback: bool) -> Self {
+        if flags.contains(Features::AUTO_BUF_REG) {
+            Self::AutoBufReg { fallback }
+        } else if flags.contains(Features::SUPPORT_ZERO_COPY) {
+            Self::ZeroCopy
+        } else if flags.contains(Features::USER_COPY) {
+            Self::UserCopy
+        } else if flags.contains(Features::NEED_GET_DATA) {
+            Self::NeedGetData
+        } else {
+            Self::Copy
+        }
+    }
+
+    /// Whether the server allocates a buffer per tag.
+    pub fn has_buffers(self) -> bool {
+        matches!(self, Self::Copy | Self::NeedGetData | Self::UserCopy)
+    }
+
+    fn uses_buffer_table(self) -> bool {
+        matches!(self, Self::ZeroCopy | Self::AutoBufReg { .. })
+    }
+}
+
+/// The offset in `/dev/ublkcN` of a request's data, for `UBLK_F_USER_COPY`.
+#[inline]
+pub const fn user_copy_offset(q_id: u16, tag: u16, byte_offset: u64) -> u64 {
+    ublk_sys::UBLKSRV_IO_BUF_OFFSET as u64
+        + ((q_id as u64) << ublk_sys::UBLK_QID_OFF)
+        + ((tag as u64) << ublk_sys::UBLK_TAG_OFF)
+        + byte_offset
+}
+
+/// Everything a queue needs to know about its device.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// The device id.
+    pub dev_id: u32,
+    /// This queue.
+    pub q_id: u16,
+    /// Tags in the queue.
+    pub depth: u16,
+    /// Largest request in bytes.
+    pub max_io_bytes: u32,
+    /// Device capacity in 512-byte sectors (requests past it fail with EIO).
+    pub capacity_sectors: u64,
+    /// How data moves.
+    pub mode: CopyMode,
+    /// Opcode encoding.
+    pub encoding: Encoding,
+}
+
+// user_data: bits 0–15 tag, 16–23 kind, 32–63 target data.
+const KIND_CMD: u64 = 0;
+const KIND_TARGET: u64 = 1;
+const KIND_REG: u64 = 2;
+const KIND_UNREG: u64 = 3;
+
+#[inline]
+const fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
+    tag as u64 | kind << 16 | (data as u64) << 32
+}
+
+/// The char device is always registered file 0 of a queue ring.
+pub const CDEV_FIXED: types::Fixed = types::Fixed(0);
+
+/// Submission access given to a [`Target`] while it handles requests.
+pub struct Submit<'r, 's> {
+    sq: &'r mut SubmissionQueue<'s, Entry>,
+    submitter: &'r Submitter<'s>,
+    target_inflight: &'r mut usize,
+}
+
+impl std::fmt::Debug for Submit<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submit")
+            .field("target_inflight", &self.target_inflight)
+            .finish()
+    }
+}
+
+impl Submit<'_, '_> {
+    /// Queues `entry` for request `tag`; its CQE comes back through
+    /// [`Target::complete`] with `data`. The entry's user data is replaced.
+    ///
+    /// # Safety
+    /// Every buffer `entry` points to must stay valid until its CQE arrives
+    /// (request buffers handed out in [`IoBuf::Mem`] do).
+    #[inline]
+    pub unsafe fn push(&mut self, tag: u16, data: u32, entry: Entry) -> io::Result<()> {
+        // SAFETY: forwarded to our caller.
+        unsafe { self.push_kind(KIND_TARGET, tag, data, entry) }?;
+        *self.target_inflight += 1;
+        Ok(())
+    }
+
+    /// # Safety
+    /// As for [`Submit::push`].
+    #[inline]
+    unsafe fn push_kind(&mut self, kind: u64, tag: u16, data: u32, entry: Entry) -> io::Result<()> {
+        let entry = entry.user_data(user_data(kind, tag, data));
+        loop {
+            // SAFETY: forwarded to our caller.
+            if unsafe { self.sq.push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            // Full: hand what we have to the kernel and try again.
+            self.sq.sync();
+            match self.submitter.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // CQ overflow backpressure: let completions drain first.
+                    self.submitter.submit_and_wait(1).or_else(ignore_eintr)?;
+                }
+                Err(e) => return Err(e),
+            }
+            self.sq.sync();
+        }
+    }
+}
+
+fn ignore_eintr(e: io::Error) -> io::Result<usize> {
+    if e.raw_os_error() == Some(libc::EINTR) {
+        Ok(0)
+    } else {
+        Err(e)
+    }
+}
+
+/// Counters a queue keeps; returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests completed with an error.
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct TagState {
+    desc: Option<IoDesc>,
+    registered: bool,
+}
+
+/// A queue ready to serve: created in the thread that will run it (the
+/// kernel binds a queue's commands to the task that fetched them).
+pub struct Queue<'fd> {
+    cfg: QueueConfig,
+    cdev: BorrowedFd<'fd>,
+    ring: IoUring<squeue::Entry, cqueue::Entry>,
+    descs: DescArray,
+    bufs: Option<IoBuffers>,
+    tags: Vec<TagState>,
+    cmd_inflight: usize,
+    target_inflight: usize,
+    stats: QueueStats,
+}
+
+impl std::fmt::Debug for Queue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("cfg", &self.cfg)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn build_ring(entries: u32, cq_entries: u32) -> io::Result<IoUring> {
+    // Newest first: SINGLE_ISSUER + DEFER_TASKRUN (6.1), then COOP_TASKRUN
+    // (5.19), then nothing.
+    let mut b = IoUring::builder();
+    b.setup_cqsize(cq_entries)
+        .setup_single_issuer()
+        .setup_defer_taskrun();
+    match b.build(entries) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        r => return r,
+    }
+    let mut b = IoUring::builder();
+    b.setup_cqsize(cq_entries).setup_coop_taskrun();
+    match b.build(entries) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        r => return r,
+    }
+    IoUring::builder().setup_cqsize(cq_entries).build(entries)
+}
+
+impl<'fd> Queue<'fd> {
+    /// Sets up queue `cfg.q_id` on the char device `cdev`, registering
+    /// `files` after it in the ring's file table.
+    pub fn new(cfg: QueueConfig, cdev: BorrowedFd<'fd>, files: &[RawFd]) -> Result<Self> {
+        if cfg.depth == 0 || u32::from(cfg.depth) > ublk_sys::UBLK_MAX_QUEUE_DEPTH {
+            return Err(Error::Invalid(format!(
+                "queue depth {} is outside 1..=4096",
+                cfg.depth
+            )));
+        }
+        let depth = u32::from(cfg.depth);
+        let entries = (depth * 2).next_power_of_two().clamp(64, 16384);
+        let ring = build_ring(entries, (depth * 8).next_power_of_two().clamp(128, 65536))
+            .map_err(Error::io("creating the queue io_uring"))?;
+        let mut fds = Vec::with_capacity(1 + files.len());
+        fds.push(cdev.as_raw_fd());
+        fds.extend_from_slice(files);
+        ring.submitter()
+            .register_files(&fds)
+            .map_err(Error::io("registering the char device as a fixed file"))?;
+        if cfg.mode.uses_buffer_table() {
+            ring.submitter()
+                .register_buffers_sparse(depth)
+                .map_err(Error::io("registering a sparse buffer table"))?;
+        }
+        let descs = DescArray::map(cdev, cfg.q_id, cfg.depth)?;
+        let bufs = cfg
+            .mode
+            .has_buffers()
+            .then(|| IoBuffers::new(usize::from(cfg.depth), cfg.max_io_bytes as usize))
+            .transpose()?;
+        Ok(Self {
+            cfg,
+            cdev,
+            ring,
+            descs,
+            bufs,
+            tags: vec![TagState::default(); usize::from(cfg.depth)],
+            cmd_inflight: 0,
+            target_inflight: 0,
+            stats: QueueStats::default(),
+        })
+    }
+
+    /// The buffer address of `tag` for FETCH/COMMIT in the copy modes.
+    #[inline]
+    fn buf_addr(&self, tag: u16) -> Option<*mut u8> {
+        match self.cfg.mode {
+            CopyMode::Copy | CopyMode::NeedGetData => {
+                self.bufs.as_ref().and_then(|b| b.addr(usize::from(tag)))
+            }
+            _ => None,
+        }
+    }
+
+    #[inline]
+    fn auto_reg(&self, tag: u16) -> Option<AutoBufReg> {
+        match self.cfg.mode {
+            CopyMode::AutoBufReg { fallback } => Some(AutoBufReg {
+                index: tag,
+                flags: if fallback {
+                    ublk_sys::UBLK_AUTO_BUF_REG_FALLBACK as u8
+                } else {
+                    0
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    fn fetch_entry(&self, tag: u16) -> Entry {
+        let mut c = cmd::FetchReq::new(CDEV_FIXED, self.cfg.q_id, tag).encoding(self.cfg.encoding);
+        if let Some(a) = self.buf_addr(tag) {
+            c = c.buf_addr(a);
+        }
+        if let Some(r) = self.auto_reg(tag) {
+            c = c.auto_buf_reg(r);
+        }
+        c.build()
+    }
+
+    fn commit_entry(&self, tag: u16, res: i32) -> Entry {
+        let mut c = cmd::CommitAndFetchReq::new(CDEV_FIXED, self.cfg.q_id, tag, res)
+            .encoding(self.cfg.encoding);
+        if let Some(a) = self.buf_addr(tag) {
+            c = c.buf_addr(a);
+        }
+        if let Some(r) = self.auto_reg(tag) {
+            c = c.auto_buf_reg(r);
+        }
+        c.build()
+    }
+
+    /// Submits FETCH_REQ for every tag. Fails if the kernel refuses any at
+    /// once (so the caller never sends START_DEV to a queue that cannot serve).
+    pub fn fetch_all(&mut self) -> Result<()> {
+        for tag in 0..self.cfg.depth {
+            let e = self.fetch_entry(tag);
+            let (submitter, mut sq, _) = self.ring.split();
+            let mut sub = Submit {
+                sq: &mut sq,
+                submitter: &submitter,
+                target_inflight: &mut self.target_inflight,
+            };
+            // SAFETY: the entry points at this queue's buffer for `tag` (or at
+            // nothing), which lives as long as the queue; the queue waits for
+            // every command before it is dropped (see `run`).
+            unsafe { sub.push_kind(KIND_CMD, tag, 0, e) }
+                .map_err(Error::io("queueing FETCH_REQ"))?;
+            self.cmd_inflight += 1;
+        }
+        self.ring
+            .submit()
+            .map_err(Error::io("submitting FETCH_REQ"))?;
+        // A refused fetch completes at once; a good one stays pending.
+        let mut refused = None;
+        for cqe in self.ring.completion() {
+            self.cmd_inflight -= 1;
+            refused.get_or_insert(cqe.result());
+        }
+        match refused {
+            Some(res) => Err(Error::Command {
+                cmd: "UBLK_U_IO_FETCH_REQ",
+                dev_id: Some(self.cfg.dev_id),
+                errno: if res < 0 { -res } else { libc::EPROTO },
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Serves requests with `target` until the device stops (every command
+    /// is answered with `UBLK_IO_RES_ABORT`) or the kernel refuses them all.
+    pub fn run<T: Target + ?Sized>(mut self, target: &mut T) -> Result<QueueStats> {
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(usize::from(self.cfg.depth) * 8);
+        while self.cmd_inflight + self.target_inflight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(Error::io("waiting for queue completions")(e)),
+            }
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &cqes {
+                self.on_cqe(target, ud, res);
+            }
+        }
+        Ok(self.stats)
+    }
+
+    fn on_cqe<T: Target + ?Sized>(&mut self, target: &mut T, ud: u64, res: i32) {
+        let tag = ud as u16;
+        let data = (ud >> 32) as u32;
+        match (ud >> 16) & 0xff {
+            KIND_CMD => {
+                self.cmd_inflight -= 1;
+                match res {
+                    r if r == ublk_sys::UBLK_IO_RES_OK as i32 => self.dispatch(target, tag),
+                    r if r == ublk_sys::UBLK_IO_RES_NEED_GET_DATA as i32 => self.need_get_data(tag),
+                    ublk_sys::UBLK_IO_RES_ABORT => {}
+                    r => log::error!(
+                        "queue {} tag {tag}: io command failed: {}",
+                        self.cfg.q_id,
+                        io::Error::from_raw_os_error(-r)
+                    ),
+                }
+            }
+            KIND_TARGET => {
+                self.target_inflight -= 1;
+                let handled = self.with_submit(|sub| target.complete(sub, tag, data, res));
+                if let Handled::Done(r) = handled {
+                    self.finish(tag, r);
+                }
+            }
+            KIND_REG | KIND_UNREG => {
+                self.target_inflight -= 1;
+                if res < 0 {
+                    log::warn!(
+                        "queue {} tag {tag}: buffer (un)registration failed: {}",
+                        self.cfg.q_id,
+                        io::Error::from_raw_os_error(-res)
+                    );
+                }
+            }
+            _ => log::error!(
+                "queue {}: completion with unknown user data {ud:#x}",
+                self.cfg.q_id
+            ),
+        }
+    }
+
+    fn with_submit<R>(&mut self, f: impl FnOnce(&mut Submit<'_, '_>) -> R) -> R {
+        let (submitter, mut sq, _) = self.ring.split();
+        let mut sub = Submit {
+            sq: &mut sq,
+            submitter: &submitter,
+            target_inflight: &mut self.target_inflight,
+        };
+        f(&mut sub)
+    }
+
+    /// Queues one of our own commands, counting it.
+    fn push_own(&mut self, kind: u64, tag: u16, e: Entry) {
+        // SAFETY: our entries point at this queue's buffers, which outlive
+        // every command (`run` returns only when none is in flight).
+        let r = self.with_submit(|sub| unsafe { sub.push_kind(kind, tag, 0, e) });
+        match r {
+            Ok(()) if kind == KIND_CMD => self.cmd_inflight += 1,
+            Ok(()) => self.target_inflight += 1,
+            // Only a dead ring fails here; the loop then ends with the
+            // commands that are still counted.
+            Err(e) => log::error!(
+                "queue {} tag {tag}: cannot queue a command: {e}",
+                self.cfg.q_id
+            ),
+        }
+    }
+
+    fn need_get_data(&mut self, tag: u16) {
+        let mut c =
+            cmd::NeedGetData::new(CDEV_FIXED, self.cfg.q_id, tag).encoding(self.cfg.encoding);
+        if let Some(a) = self.buf_addr(tag) {
+            c = c.buf_addr(a);
+        }
+        self.push_own(KIND_CMD, tag, c.build());
+    }
+
+    fn register(&mut self, tag: u16) {
+        let e = cmd::RegisterIoBuf::new(CDEV_FIXED, self.cfg.q_id, tag, tag)
+            .encoding(self.cfg.encoding)
+            .build();
+        // Linked so the target's first SQE runs only after the registration.
+        self.push_own(KIND_REG, tag, e.flags(SqeFlags::IO_HARDLINK));
+        if let Some(t) = self.tags.get_mut(usize::from(tag)) {
+            t.registered = true;
+        }
+    }
+
+    /// Checks a request the kernel delivered; `Err` is the result to complete it with.
+    fn check(&self, d: &IoDesc) -> std::result::Result<(), i32> {
+        match d.op {
+            Op::Unknown(_) | Op::Zone(_) | Op::ReportZones | Op::WriteSame => {
+                return Err(-libc::EOPNOTSUPP)
+            }
+            Op::Flush => return Ok(()),
+            Op::Read | Op::Write | Op::Discard | Op::WriteZeroes => {}
+        }
+        let end = d.start_sector.checked_add(u64::from(d.nr_sectors));
+        if end.is_none_or(|e| e > self.cfg.capacity_sectors) {
+            return Err(-libc::EIO);
+        }
+        if d.op.has_data() && d.len() > self.cfg.max_io_bytes as usize {
+            return Err(-libc::EIO);
+        }
+        Ok(())
+    }
+
+    fn dispatch<T: Target + ?Sized>(&mut self, target: &mut T, tag: u16) {
+        let Some(raw) = self.descs.get(tag) else {
+            log::error!(
+                "queue {}: kernel delivered tag {tag} past the depth",
+                self.cfg.q_id
+            );
+            return;
+        };
+        let d = IoDesc::from_raw(&raw);
+        if let Some(t) = self.tags.get_mut(usize::from(tag)) {
+            *t = TagState {
+                desc: Some(d),
+                registered: false,
+            };
+        }
+        if let Err(res) = self.check(&d) {
+            return self.finish(tag, res);
+        }
+        let q_id = self.cfg.q_id;
+        let buf_kind = match self.cfg.mode {
+            _ if !d.op.has_data() => BufKind::None,
+            CopyMode::ZeroCopy => {
+                self.register(tag);
+                BufKind::Fixed
+            }
+            CopyMode::AutoBufReg { .. } => {
+                if d.flags.contains(IoFlags::NEED_REG_BUF) {
+                    self.register(tag);
+                }
+                BufKind::Fixed
+            }
+            _ => BufKind::Mem,
+        };
+        if buf_kind == BufKind::Mem && self.cfg.mode == CopyMode::UserCopy && d.op == Op::Write {
+            if let Err(res) = self.user_copy(tag, d.len(), false) {
+                return self.finish(tag, res);
+            }
+        }
+        let handled = {
+            let (submitter, mut sq, _) = self.ring.split();
+            let mut sub = Submit {
+                sq: &mut sq,
+                submitter: &submitter,
+                target_inflight: &mut self.target_inflight,
+            };
+            let buf = match buf_kind {
+                BufKind::None => IoBuf::None,
+                BufKind::Fixed => IoBuf::Fixed(tag),
+                BufKind::Mem => match self
+                    .bufs
+                    .as_mut()
+                    .and_then(|b| b.slice_mut(usize::from(tag), d.len()))
+                {
+                    Some(s) => IoBuf::Mem(s),
+                    None => IoBuf::None,
+                },
+            };
+            target.handle(
+                &mut sub,
+                Request {
+                    q_id,
+                    tag,
+                    desc: d,
+                    buf,
+                },
+            )
+        };
+        if let Handled::Done(res) = handled {
+            self.finish(tag, res);
+        }
+    }
+
+    /// pread (`to_server`) or pwrite the request's data through the char device.
+    fn user_copy(&mut self, tag: u16, len: usize, to_kernel: bool) -> std::result::Result<(), i32> {
+        let off = user_copy_offset(self.cfg.q_id, tag, 0);
+        let Some(buf) = self
+            .bufs
+            .as_mut()
+            .and_then(|b| b.slice_mut(usize::from(tag), len))
+        else {
+            return Err(-libc::EIO);
+        };
+        let r = if to_kernel {
+            rustix::io::pwrite(self.cdev, buf, off)
+        } else {
+            rustix::io::pread(self.cdev, buf, off)
+        };
+        match r {
+            Ok(n) if n == len => Ok(()),
+            Ok(_) => Err(-libc::EIO),
+            Err(e) => Err(-e.raw_os_error()),
+        }
+    }
+
+    /// Completes `tag` with `res`: copies read data out (user copy), drops a
+    /// buffer registration, and commits (which also fetches the next request).
+    fn finish(&mut self, tag: u16, mut res: i32) {
+        let state = self.tags.get(usize::from(tag)).copied().unwrap_or_default();
+        if let (CopyMode::UserCopy, Some(d)) = (self.cfg.mode, state.desc) {
+            if d.op == Op::Read && res > 0 {
+                if let Err(e) = self.user_copy(tag, (res as usize).min(d.len()), true) {
+                    res = e;
+                }
+            }
+        }
+        if state.registered {
+            let e = cmd::UnregisterIoBuf::new(CDEV_FIXED, self.cfg.q_id, tag, tag)
+                .encoding(self.cfg.encoding)
+                .build();
+            self.push_own(KIND_UNREG, tag, e);
+        }
+        self.stats.requests += 1;
+        self.stats.errors += u64::from(res < 0);
+        let e = self.commit_entry(tag, res);
+        self.push_own(KIND_CMD, tag, e);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BufKind {
+    None,
+    Fixed,
+    Mem,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_copy_offsets_follow_the_uapi_encoding() {
+        assert_eq!(user_copy_offset(0, 0, 0), 0x8000_0000);
+        assert_eq!(user_copy_offset(0, 1, 0), 0x8000_0000 + (1 << 25));
+        assert_eq!(user_copy_offset(1, 0, 512), 0x8000_0000 + (1 << 41) + 512);
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        let ud = user_data(KIND_TARGET, 0xabcd, 0x1234_5678);
+        assert_eq!(ud as u16, 0xabcd);
+        assert_eq!((ud >> 16) & 0xff, KIND_TARGET);
+        assert_eq!((ud >> 32) as u32, 0x1234_5678);
+    }
+
+    #[test]
+    fn copy_mode_follows_device_flags() {
+        assert_eq!(
+            CopyMode::from_flags(Features::empty(), false),
+            CopyMode::Copy
+        );
+        assert_eq!(
+            CopyMode::from_flags(Features::USER_COPY, false),
+            CopyMode::UserCopy
+        );
+        assert_eq!(
+            CopyMode::from_flags(Features::AUTO_BUF_REG | Features::SUPPORT_ZERO_COPY, true),
+            CopyMode::AutoBufReg { fallback: true }
+        );
+        for m in [
+            CopyMode::Copy,
+            CopyMode::NeedGetData,
+            CopyMode::UserCopy,
+            CopyMode::ZeroCopy,
+        ] {
+            assert_eq!(CopyMode::from_flags(m.features(), false), m);
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! What a block device implements: the [`Target`] trait and the requests it
+//! is handed.
+
+use ublk_sys::ublksrv_io_desc;
+
+/// A request's operation (`UBLK_IO_OP_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Read into the buffer.
+    Read,
+    /// Write from the buffer.
+    Write,
+    /// Make earlier writes durable.
+    Flush,
+    /// Discard the range.
+    Discard,
+    /// Write the same block over the range.
+    WriteSame,
+    /// Zero the range.
+    WriteZeroes,
+    /// Zone management operations and zone append (zoned devices).
+    Zone(u8),
+    /// Report zones into the buffer (zoned devices).
+    ReportZones,
+    /// An operation this crate does not know.
+    Unknown(u8),
+}
+
+impl Op {
+    /// From the low byte of `op_flags`.
+    #[inline]
+    pub fn from_raw(op: u8) -> Self {
+        match u32::from(op) {
+            ublk_sys::UBLK_IO_OP_READ => Self::Read,
+            ublk_sys::UBLK_IO_OP_WRITE => Self::Write,
+            ublk_sys::UBLK_IO_OP_FLUSH => Self::Flush,
+            ublk_sys::UBLK_IO_OP_DISCARD => Self::Discard,
+            ublk_sys::UBLK_IO_OP_WRITE_SAME => Self::WriteSame,
+            ublk_sys::UBLK_IO_OP_WRITE_ZEROES => Self::WriteZeroes,
+            ublk_sys::UBLK_IO_OP_REPORT_ZONES => Self::ReportZones,
+            ublk_sys::UBLK_IO_OP_ZONE_OPEN..=ublk_sys::UBLK_IO_OP_ZONE_RESET => Self::Zone(op),
+            _ => Self::Unknown(op),
+        }
+    }
+
+    /// Whether the request carries data in a buffer.
+    #[inline]
+    pub fn has_data(self) -> bool {
+        matches!(self, Self::Read | Self::Write | Self::ReportZones)
+    }
+}
+
+bitflags::bitflags! {
+    /// `UBLK_IO_F_*` request flags.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct IoFlags: u32 {
+        /// Fail fast: device errors.
+        const FAILFAST_DEV = ublk_sys::UBLK_IO_F_FAILFAST_DEV;
+        /// Fail fast: transport errors.
+        const FAILFAST_TRANSPORT = ublk_sys::UBLK_IO_F_FAILFAST_TRANSPORT;
+        /// Fail fast: driver errors.
+        const FAILFAST_DRIVER = ublk_sys::UBLK_IO_F_FAILFAST_DRIVER;
+        /// Metadata I/O.
+        const META = ublk_sys::UBLK_IO_F_META;
+        /// Force unit access: the write must be durable when it completes.
+        const FUA = ublk_sys::UBLK_IO_F_FUA;
+        /// Write zeroes without unmapping.
+        const NOUNMAP = ublk_sys::UBLK_IO_F_NOUNMAP;
+        /// Swap I/O.
+        const SWAP = ublk_sys::UBLK_IO_F_SWAP;
+        /// Auto buffer registration failed; the buffer was registered by hand.
+        const NEED_REG_BUF = ublk_sys::UBLK_IO_F_NEED_REG_BUF;
+        /// The request has an integrity buffer.
+        const INTEGRITY = ublk_sys::UBLK_IO_F_INTEGRITY;
+        /// The buffer is in registered shared memory.
+        const SHMEM_ZC = ublk_sys::UBLK_IO_F_SHMEM_ZC;
+    }
+}
+
+/// A decoded `ublksrv_io_desc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoDesc {
+    /// The operation.
+    pub op: Op,
+    /// Its flags (bits 8–31 of `op_flags`, in their `UBLK_IO_F_*` positions).
+    pub flags: IoFlags,
+    /// First 512-byte sector.
+    pub start_sector: u64,
+    /// Number of sectors (zones, for `ReportZones`).
+    pub nr_sectors: u32,
+    /// The kernel's buffer address field (mode-dependent).
+    pub addr: u64,
+}
+
+impl IoDesc {
+    /// Decodes the raw descriptor.
+    #[inline]
+    pub fn from_raw(d: &ublksrv_io_desc) -> Self {
+        Self {
+            op: Op::from_raw((d.op_flags & 0xff) as u8),
+            flags: IoFlags::from_bits_retain(d.op_flags & !0xff),
+            start_sector: d.start_sector,
+            // Both union members are u32 at the same offset.
+            nr_sectors: crate::pod::union_u32(&d.__bindgen_anon_1),
+            addr: d.addr,
+        }
+    }
+
+    /// Byte offset of the request.
+    #[inline]
+    pub fn offset(&self) -> u64 {
+        self.start_sector << 9
+    }
+
+    /// Byte length of the request.
+    #[inline]
+    pub fn len(&self) -> usize {
+        (self.nr_sectors as usize) << 9
+    }
+
+    /// Whether the request is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.nr_sectors == 0
+    }
+}
+
+/// Where a request's data is.
+#[derive(Debug)]
+pub enum IoBuf<'a> {
+    /// In server memory: the request's bytes (write data on entry; fill it
+    /// for reads). Its address is stable until the request completes, so a
+    /// target may hand it to an SQE.
+    Mem(&'a mut [u8]),
+    /// In the queue ring's buffer table at this index (zero copy and auto
+    /// buffer registration): use `ReadFixed`/`WriteFixed` with address 0.
+    Fixed(u16),
+    /// No data (flush, discard, …).
+    None,
+}
+
+/// One request handed to a [`Target`].
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The queue.
+    pub q_id: u16,
+    /// The tag: unique in the queue while the request is in flight.
+    pub tag: u16,
+    /// The decoded descriptor.
+    pub desc: IoDesc,
+    /// The data.
+    pub buf: IoBuf<'a>,
+}
+
+/// What a target did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Complete now with this result: bytes transferred, or `-errno`.
+    Done(i32),
+    /// SQEs were queued with [`crate::queue::Submit::push`]; the result comes
+    /// through [`Target::complete`].
+    Queued,
+}
+
+/// A block device's logic, one instance per queue (so it needs no locks).
+pub trait Target {
+    /// Handles one request. Ranges are already checked against the device
+    /// capacity and unknown operations already answered with `-EOPNOTSUPP`.
+    fn handle(&mut self, sub: &mut crate::queue::Submit<'_, '_>, req: Request<'_>) -> Handled;
+
+    /// A CQE of an SQE this target queued for `tag` with `data` has arrived.
+    /// Return `Done` to complete the request, or `Queued` after queueing more.
+    fn complete(
+        &mut self,
+        _sub: &mut crate::queue::Submit<'_, '_>,
+        _tag: u16,
+        _data: u32,
+        res: i32,
+    ) -> Handled {
+        Handled::Done(res)
+    }
+
+    /// Files to register in the queue ring (from index 1; index 0 is the
+    /// char device), so SQEs can use `types::Fixed(1 + i)`.
+    fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_op_flags_and_union() {
+        let raw = ublksrv_io_desc {
+            op_flags: ublk_sys::UBLK_IO_OP_WRITE | ublk_sys::UBLK_IO_F_FUA,
+            __bindgen_anon_1: ublk_sys::ublksrv_io_desc__bindgen_ty_1 { nr_sectors: 8 },
+            start_sector: 16,
+            addr: 0xdead000,
+        };
+        let d = IoDesc::from_raw(&raw);
+        assert_eq!(d.op, Op::Write);
+        assert_eq!(d.flags, IoFlags::FUA);
+        assert_eq!((d.offset(), d.len()), (8192, 4096));
+        assert_eq!(Op::from_raw(13), Op::Zone(13));
+        assert_eq!(Op::from_raw(18), Op::ReportZones);
+        assert_eq!(Op::from_raw(99), Op::Unknown(99));
+    }
+}
