@@ -1,0 +1,768 @@
+//! The subcommands.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use serde::{Deserialize, Serialize};
+use ublk::params::{Attrs, BasicParams, DiscardParams, Params};
+use ublk::{Control, CopyMode, DevInfo, Device, DeviceBuilder, Features, StartKind};
+
+use crate::cli::{
+    AddArgs, Cli, Command, DaemonArgs, DelArgs, ListArgs, StopArgs, TargetKind, UpdateSizeArgs,
+};
+use crate::state::{self, DeviceState};
+use crate::targets::{Backing, BackingOptions, LoopTarget, NullTarget};
+
+/// Default size of a null device: 250 GiB, like ublksrv and kublk.
+pub const NULL_DEFAULT_SIZE: u64 = 250 << 30;
+
+/// Runs one command.
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Add(a) => add(a, false),
+        Command::Recover(a) => add(a, true),
+        Command::Del(a) => del(&a),
+        Command::Stop(a) => stop(&a),
+        Command::List(a) => list(&a),
+        Command::Features => features(),
+        Command::Quiesce(a) => {
+            let ctrl = open_control()?;
+            let info = existing(&ctrl, a.id)?;
+            if !info.flags().contains(Features::QUIESCE) {
+                bail!("device {} was not created with quiesce support (it needs -r 1 on a kernel with UBLK_F_QUIESCE)", a.id);
+            }
+            ctrl.quiesce_dev(info.dev_ref(), 30_000)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::UpdateSize(a) => update_size(&a),
+        Command::Daemon(d) => daemon(&d),
+    }
+}
+
+fn open_control() -> anyhow::Result<Control> {
+    Ok(Control::open()?)
+}
+
+/// The info of device `id`, or "device N does not exist".
+fn existing(ctrl: &Control, id: u32) -> anyhow::Result<DevInfo> {
+    ctrl.dev_info(id).map_err(|e| match e.errno() {
+        Some(libc::ENODEV | libc::ENOENT) => anyhow!("device {id} does not exist"),
+        Some(libc::EPERM | libc::EACCES) => {
+            anyhow!("permission denied for device {id}: it belongs to another user")
+        }
+        _ => e.into(),
+    })
+}
+
+/// The copy mode and device flags `a` asks for.
+fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
+    let modes = [a.zero_copy, a.auto_zc, a.user_copy, a.need_get_data]
+        .iter()
+        .filter(|&&m| m)
+        .count();
+    if modes > 1 {
+        bail!("choose one of -z, --auto_zc, -u and -g");
+    }
+    if a.auto_zc_fallback && !a.auto_zc {
+        bail!("--auto_zc_fallback needs --auto_zc");
+    }
+    if a.batch {
+        bail!("batch I/O (-b) is not implemented by this ublk server yet");
+    }
+    if a.per_io_tasks || a.nthreads.is_some_and(|n| n != a.queues) {
+        bail!("--per_io_tasks and --nthreads other than the queue count are not implemented by this ublk server yet");
+    }
+    let mode = if a.zero_copy {
+        CopyMode::ZeroCopy
+    } else if a.auto_zc {
+        CopyMode::AutoBufReg {
+            fallback: a.auto_zc_fallback,
+        }
+    } else if a.user_copy {
+        CopyMode::UserCopy
+    } else if a.need_get_data {
+        CopyMode::NeedGetData
+    } else {
+        CopyMode::Copy
+    };
+    let mut flags = Features::empty();
+    for (on, f) in [
+        (a.recovery == 1, Features::USER_RECOVERY),
+        (a.recovery_reissue == 1, Features::USER_RECOVERY_REISSUE),
+        (a.recovery_fail_io == 1, Features::USER_RECOVERY_FAIL_IO),
+        (a.unprivileged, Features::UNPRIVILEGED_DEV),
+        (a.no_auto_part_scan, Features::NO_AUTO_PART_SCAN),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    if (a.recovery_reissue == 1 || a.recovery_fail_io == 1) && a.recovery != 1 {
+        bail!("-i 1 and -e 1 need user recovery (-r 1)");
+    }
+    Ok((mode, flags))
+}
+
+fn builder(a: &AddArgs, ctrl: &Control) -> anyhow::Result<(DeviceBuilder, CopyMode)> {
+    let (mode, mut flags) = plan(a)?;
+    // Quiesce comes with recovery where the kernel has it, as in kublk.
+    if flags.contains(Features::USER_RECOVERY) && ctrl.features().contains(Features::QUIESCE) {
+        flags |= Features::QUIESCE;
+    }
+    let mut b = DeviceBuilder::new()
+        .queues(a.queues)
+        .depth(a.depth)
+        .copy_mode(mode)
+        .flags(flags);
+    if let Some(id) = a.id {
+        b = b.id(id);
+    }
+    b.validate()?;
+    Ok((b, mode))
+}
+
+fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
+    a.target
+        .ok_or_else(|| anyhow!("missing target type: use -t null or -t loop"))
+}
+
+/// Checks everything that can be checked before a daemon starts.
+fn precheck(a: &AddArgs, recover: bool) -> anyhow::Result<()> {
+    let kind = target_kind(a)?;
+    let file = a.backing_file()?;
+    match (kind, file) {
+        (TargetKind::Loop, None) => bail!("the loop target needs a backing file: -f FILE"),
+        (TargetKind::Null, Some(f)) => bail!(
+            "the null target takes no backing file (got {})",
+            f.display()
+        ),
+        (TargetKind::Loop, Some(f)) => drop(Backing::open(f, backing_options(a))?),
+        (TargetKind::Null, None) => {}
+    }
+    let ctrl = open_control()?;
+    let (b, _) = builder(a, &ctrl)?;
+    ctrl.require(b.requested_flags(ctrl.features()))?;
+    match (recover, a.id) {
+        (false, Some(id)) if ctrl.dev_info(id).is_ok() => bail!("device id {id} is already in use"),
+        (true, None) => bail!("recover needs the device id: -n ID"),
+        (true, Some(id)) => {
+            let info = existing(&ctrl, id)?;
+            if !info.flags().contains(Features::USER_RECOVERY) {
+                bail!(
+                    "device {id} was not created with user recovery (-r 1) and cannot be recovered"
+                );
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn backing_options(a: &AddArgs) -> BackingOptions {
+    BackingOptions {
+        read_only: a.read_only,
+        buffered: a.buffered_io,
+        size: a.size,
+        logical_block_size: a.logical_block_size,
+    }
+}
+
+/// What the daemon tells `add` on its stdout, one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    id: Option<u32>,
+    error: Option<String>,
+}
+
+fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
+    if recover {
+        let id =
+            a.id.ok_or_else(|| anyhow!("recover needs the device id: -n ID"))?;
+        if a.target.is_none() {
+            let st = DeviceState::load(id).ok_or_else(|| {
+                anyhow!(
+                    "no state file {} for device {id}: give the target options again",
+                    state::path(id).display()
+                )
+            })?;
+            a = AddArgs {
+                id: Some(id),
+                foreground: a.foreground,
+                quiet: a.quiet,
+                ..st.options
+            };
+        }
+    }
+    precheck(&a, recover)?;
+    if a.foreground {
+        return serve(&a, recover, None).map(|()| ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let dir = state::state_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log_path = dir.join("daemon.log");
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__daemon");
+    if recover {
+        cmd.arg("--recover");
+    }
+    cmd.arg(serde_json::to_string(&a)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("daemon has no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .context("reading the daemon's report")?;
+    let report: Option<Report> = serde_json::from_str(line.trim()).ok();
+    match report {
+        Some(Report { id: Some(id), .. }) => {
+            if !a.quiet {
+                let ctrl = open_control()?;
+                print_devices(&ctrl, &[id], false)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Report { error: Some(e), .. }) => {
+            let _ = child.wait();
+            Err(anyhow!(e))
+        }
+        _ => {
+            let status = child.wait()?;
+            Err(anyhow!(
+                "the daemon exited ({status}) before the device was live; see {}",
+                log_path.display()
+            ))
+        }
+    }
+}
+
+fn daemon(d: &DaemonArgs) -> anyhow::Result<ExitCode> {
+    let a: AddArgs = serde_json::from_str(&d.json).context("bad daemon arguments")?;
+    let mut stdout = std::io::stdout();
+    match serve(&a, d.recover, Some(&mut stdout)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            let msg = crate::one_line(&e);
+            // The parent may be gone already (the device was live before).
+            let _ = writeln!(
+                stdout,
+                "{}",
+                serde_json::to_string(&Report {
+                    id: None,
+                    error: Some(msg.clone())
+                })?
+            );
+            log::error!("{msg}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Creates (or recovers) the device and serves it until it stops.
+/// `report` is the pipe to `add` (daemon mode), answered once.
+fn serve(
+    a: &AddArgs,
+    recover: bool,
+    mut report: Option<&mut std::io::Stdout>,
+) -> anyhow::Result<()> {
+    let kind = target_kind(a)?;
+    let ctrl = Arc::new(open_control()?);
+    let (builder, mode) = builder(a, &ctrl)?;
+    let backing = match (kind, a.backing_file()?) {
+        (TargetKind::Loop, Some(f)) => Some(Backing::open(f, backing_options(a))?),
+        _ => None,
+    };
+    let size = match &backing {
+        Some(b) => b.size,
+        None => a.size.unwrap_or(NULL_DEFAULT_SIZE),
+    };
+    let lbs = backing
+        .as_ref()
+        .map_or(a.logical_block_size.unwrap_or(512), |b| {
+            b.logical_block_size
+        });
+    let mut dev = if recover {
+        Device::recover(Arc::clone(&ctrl), a.id.unwrap_or_default(), mode)?
+    } else {
+        let dev = builder
+            .add(Arc::clone(&ctrl))
+            .map_err(|e| match e.errno() {
+                Some(libc::EEXIST) => {
+                    anyhow!("device id {} is already in use", a.id.unwrap_or_default())
+                }
+                _ => e.into(),
+            })?;
+        dev
+    };
+    if !recover {
+        let mut basic = BasicParams::new(size, dev.info().max_io_buf_bytes());
+        basic.logical_block_size = lbs;
+        basic.physical_block_size = lbs.max(basic.physical_block_size);
+        basic.io_min = lbs;
+        basic.io_opt = lbs;
+        if kind == TargetKind::Loop {
+            basic.attrs |= Attrs::VOLATILE_CACHE | Attrs::FUA;
+        }
+        if a.read_only {
+            basic.attrs |= Attrs::READ_ONLY;
+        }
+        let mut params = Params::basic(basic);
+        if backing.as_ref().is_some_and(|b| b.discard) {
+            params.discard = Some(DiscardParams {
+                alignment: 0,
+                granularity: 4096.max(lbs),
+                max_discard_sectors: u32::MAX >> 9,
+                max_write_zeroes_sectors: u32::MAX >> 9,
+                max_discard_segments: 1,
+            });
+        }
+        dev.set_params(&params)?;
+    }
+    let id = dev.id();
+    let recovery = dev.info().flags().contains(Features::USER_RECOVERY);
+    spawn_signal_thread(Arc::clone(&ctrl), dev.info().dev_ref(), recovery)?;
+
+    let backing_file = backing.as_ref().map(|b| b.path.clone());
+    let direct_io = backing.as_ref().map(|b| b.direct_io);
+    let shared = backing.map(|b| Arc::new(b.file));
+    let read_only = a.read_only;
+    let on_live = |info: &DevInfo, queues: &[ublk::QueueInfo]| {
+        let st = DeviceState {
+            dev_id: info.id(),
+            target: kind,
+            size,
+            backing_file: backing_file.clone(),
+            direct_io,
+            pid: std::process::id() as i32,
+            queue_tids: queues.iter().map(|q| q.tid).collect(),
+            queue_affinity: queues.iter().map(|q| q.affinity.clone()).collect(),
+            options: a.clone(),
+        };
+        if let Err(e) = st.save() {
+            log::warn!("{e:#}");
+        }
+        match report.take() {
+            Some(out) => {
+                let line = serde_json::to_string(&Report {
+                    id: Some(info.id()),
+                    error: None,
+                })
+                .unwrap_or_default();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+                // Let go of the caller's pipe so `ublk add | …` returns.
+                if let Ok(null) = File::options().write(true).open("/dev/null") {
+                    let _ = rustix::stdio::dup2_stdout(&null);
+                }
+            }
+            None if !a.quiet => {
+                if let Ok(c) = Control::open() {
+                    let _ = print_devices(&c, &[info.id()], false);
+                }
+            }
+            None => {}
+        }
+    };
+    let result = match &shared {
+        Some(file) => dev.run(
+            if recover {
+                StartKind::Recover
+            } else {
+                StartKind::Start
+            },
+            |_| Ok(LoopTarget::new(Arc::clone(file), read_only)),
+            on_live,
+        ),
+        None => dev.run(
+            if recover {
+                StartKind::Recover
+            } else {
+                StartKind::Start
+            },
+            |_| Ok(NullTarget),
+            on_live,
+        ),
+    };
+    // A recoverable device outlives its daemon unless it was stopped.
+    let state_now = ctrl.dev_info(id).map(|i| i.state());
+    if recovery && matches!(state_now, Ok(s) if s != ublk::DevState::Dead) {
+        dev.keep();
+    } else {
+        drop(dev);
+        DeviceState::remove(id);
+    }
+    result.map(drop).map_err(Into::into)
+}
+
+/// SIGTERM/SIGINT/SIGHUP: stop and delete the device, or, with recovery,
+/// leave it for `ublk recover` and exit.
+fn spawn_signal_thread(
+    ctrl: Arc<Control>,
+    dev: ublk::DevRef,
+    recovery: bool,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("ublk-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                if recovery {
+                    eprintln!(
+                        "ublk: signal {sig}: leaving device {} for `ublk recover -n {}` (it has user recovery)",
+                        dev.id, dev.id
+                    );
+                    std::process::exit(0);
+                }
+                log::info!("signal {sig}: stopping device {}", dev.id);
+                if let Err(e) = ctrl.stop_dev(dev) {
+                    log::error!("stopping device {}: {e}", dev.id);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// Ids of all ublk devices, from sysfs (falling back to /dev).
+pub fn device_ids() -> Vec<u32> {
+    let parse = |dir: &str| -> Vec<u32> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| {
+                    e.ok()?
+                        .file_name()
+                        .to_str()?
+                        .strip_prefix("ublkc")?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut ids = parse("/sys/class/ublk-char");
+    if ids.is_empty() {
+        ids = parse("/dev");
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn del(a: &DelArgs) -> anyhow::Result<ExitCode> {
+    let ctrl = open_control()?;
+    let ids = if a.all {
+        device_ids()
+    } else {
+        a.id.into_iter().collect()
+    };
+    let mut failed = false;
+    for id in ids {
+        let info = match existing(&ctrl, id) {
+            Ok(i) => i,
+            Err(e) if a.all && e.to_string().contains("does not exist") => continue,
+            Err(e) => return Err(e),
+        };
+        let dev = info.dev_ref();
+        let r = ctrl.stop_dev(dev).and_then(|()| {
+            if a.async_del {
+                ctrl.del_dev_async(dev)
+            } else {
+                ctrl.del_dev(dev)
+            }
+        });
+        match r {
+            // The daemon deleted it first after our stop: that is success.
+            Err(e) if e.errno() == Some(libc::ENODEV) => {}
+            Err(e) => {
+                eprintln!("ublk: deleting device {id}: {e}");
+                failed = true;
+                continue;
+            }
+            Ok(()) => {}
+        }
+        DeviceState::remove(id);
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn stop(a: &StopArgs) -> anyhow::Result<ExitCode> {
+    let ctrl = open_control()?;
+    let dev = existing(&ctrl, a.id)?.dev_ref();
+    let r = if a.safe {
+        ctrl.try_stop_dev(dev)
+    } else {
+        ctrl.stop_dev(dev)
+    };
+    match r {
+        Err(e) if a.safe && e.errno() == Some(libc::EBUSY) => {
+            bail!("device {} is open; not stopped (--safe)", a.id)
+        }
+        r => r?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn update_size(a: &UpdateSizeArgs) -> anyhow::Result<ExitCode> {
+    let ctrl = open_control()?;
+    let dev = existing(&ctrl, a.id)?.dev_ref();
+    let lbs = ctrl
+        .get_params(dev)
+        .ok()
+        .and_then(|p| p.basic)
+        .map_or(512, |b| u64::from(b.logical_block_size));
+    if a.size == 0 || a.size % lbs != 0 {
+        bail!(
+            "size {} must be a non-zero multiple of the logical block size {lbs}",
+            a.size
+        );
+    }
+    ctrl.update_size(dev, a.size >> 9)?;
+    if let Some(mut st) = DeviceState::load(a.id) {
+        st.size = a.size;
+        let _ = st.save();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn features() -> anyhow::Result<ExitCode> {
+    let ctrl = open_control()?;
+    let mask = ctrl.kernel_mask();
+    println!("ublk_drv features: {mask:#x}");
+    for name in Features::from_bits_retain(mask).kernel_names() {
+        println!("\t{name}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One device as `list` shows it.
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    /// Device id.
+    pub dev_id: u32,
+    /// Queues.
+    pub nr_hw_queues: u16,
+    /// Depth.
+    pub queue_depth: u16,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Capacity in sectors.
+    pub dev_capacity: u64,
+    /// Largest request.
+    pub max_rq_size: u32,
+    /// Server pid.
+    pub daemon_pid: i32,
+    /// Flags.
+    pub flags: u64,
+    /// State.
+    pub state: String,
+    /// Queues: tid and affinity.
+    pub queues: Vec<QueueListing>,
+    /// Target type.
+    pub target: Option<TargetKind>,
+    /// Loop backing file.
+    pub backing_file: Option<PathBuf>,
+    /// Loop: O_DIRECT.
+    pub direct_io: Option<bool>,
+    /// Target size in bytes.
+    pub size: Option<u64>,
+}
+
+/// One queue as `list` shows it.
+#[derive(Debug, Serialize)]
+pub struct QueueListing {
+    /// Queue id.
+    pub q_id: u16,
+    /// Serving thread (0: unknown).
+    pub tid: i32,
+    /// CPUs.
+    pub affinity: Vec<usize>,
+}
+
+fn listing(ctrl: &Control, id: u32) -> anyhow::Result<Listing> {
+    let info = existing(ctrl, id)?;
+    let basic = ctrl.get_params(info.dev_ref()).ok().and_then(|p| p.basic);
+    let st = DeviceState::load(id).filter(|s| s.pid == info.server_pid() || info.server_pid() <= 0);
+    let queues = (0..info.nr_queues())
+        .map(|q| QueueListing {
+            q_id: q,
+            tid: st
+                .as_ref()
+                .and_then(|s| s.queue_tids.get(usize::from(q)).copied())
+                .unwrap_or(0),
+            affinity: ctrl.queue_affinity(info.dev_ref(), q).unwrap_or_default(),
+        })
+        .collect();
+    Ok(Listing {
+        dev_id: id,
+        nr_hw_queues: info.nr_queues(),
+        queue_depth: info.queue_depth(),
+        block_size: basic.map_or(512, |b| b.logical_block_size),
+        dev_capacity: basic.map_or(0, |b| b.dev_sectors),
+        max_rq_size: info.max_io_buf_bytes(),
+        daemon_pid: info.server_pid(),
+        flags: info.flags().bits(),
+        state: info.state().to_string(),
+        queues,
+        target: st.as_ref().map(|s| s.target),
+        backing_file: st.as_ref().and_then(|s| s.backing_file.clone()),
+        direct_io: st.as_ref().and_then(|s| s.direct_io),
+        size: st.as_ref().map(|s| s.size),
+    })
+}
+
+/// The text format of ublksrv's and kublk's `list`.
+pub fn format_listing(l: &Listing) -> String {
+    let mut s = format!(
+        "dev id {}: nr_hw_queues {} queue_depth {} block size {} dev_capacity {}\n\tmax rq size {} daemon pid {} flags {:#x} state {}\n",
+        l.dev_id, l.nr_hw_queues, l.queue_depth, l.block_size, l.dev_capacity, l.max_rq_size, l.daemon_pid, l.flags, l.state
+    );
+    for q in &l.queues {
+        let cpus: Vec<String> = q.affinity.iter().map(ToString::to_string).collect();
+        s.push_str(&format!(
+            "\tqueue {}: tid {} affinity({})\n",
+            q.q_id,
+            q.tid,
+            cpus.join(" ")
+        ));
+    }
+    match (l.target, &l.backing_file) {
+        (Some(TargetKind::Loop), Some(f)) => s.push_str(&format!(
+            "\ttarget loop backing_file {} size {} direct_io {}\n",
+            f.display(),
+            l.size.unwrap_or(0),
+            u8::from(l.direct_io.unwrap_or(false))
+        )),
+        (Some(t), _) => s.push_str(&format!(
+            "\ttarget {} size {}\n",
+            serde_json::to_value(t)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            l.size.unwrap_or(0)
+        )),
+        (None, _) => s.push_str("\ttarget unknown (no state file)\n"),
+    }
+    s
+}
+
+fn print_devices(ctrl: &Control, ids: &[u32], json: bool) -> anyhow::Result<()> {
+    let mut all = Vec::with_capacity(ids.len());
+    for &id in ids {
+        all.push(listing(ctrl, id)?);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        for l in &all {
+            print!("{}", format_listing(l));
+        }
+    }
+    Ok(())
+}
+
+fn list(a: &ListArgs) -> anyhow::Result<ExitCode> {
+    let ctrl = open_control()?;
+    let ids = match a.id {
+        Some(id) => vec![id],
+        None => device_ids(),
+    };
+    // Devices other users own are skipped in a full listing.
+    let ids: Vec<u32> = if a.id.is_some() {
+        ids
+    } else {
+        ids.into_iter()
+            .filter(|&id| ctrl.dev_info(id).is_ok())
+            .collect()
+    };
+    print_devices(&ctrl, &ids, a.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_text_format_matches_the_other_tools() {
+        let l = Listing {
+            dev_id: 0,
+            nr_hw_queues: 1,
+            queue_depth: 128,
+            block_size: 512,
+            dev_capacity: 524_288_000,
+            max_rq_size: 524_288,
+            daemon_pid: 178,
+            flags: 0x42,
+            state: "LIVE".into(),
+            queues: vec![QueueListing {
+                q_id: 0,
+                tid: 179,
+                affinity: vec![0, 1],
+            }],
+            target: Some(TargetKind::Null),
+            backing_file: None,
+            direct_io: None,
+            size: Some(250 << 30),
+        };
+        let text = format_listing(&l);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "dev id 0: nr_hw_queues 1 queue_depth 128 block size 512 dev_capacity 524288000"
+        );
+        assert_eq!(
+            lines[1],
+            "\tmax rq size 524288 daemon pid 178 flags 0x42 state LIVE"
+        );
+        assert_eq!(lines[2], "\tqueue 0: tid 179 affinity(0 1)");
+        assert_eq!(lines[3], "\ttarget null size 268435456000");
+    }
+
+    #[test]
+    fn copy_modes_exclude_each_other() {
+        let a = AddArgs {
+            zero_copy: true,
+            user_copy: true,
+            ..Default::default()
+        };
+        assert!(plan(&a).unwrap_err().to_string().contains("choose one"));
+        let a = AddArgs {
+            recovery_reissue: 1,
+            ..Default::default()
+        };
+        assert!(plan(&a).unwrap_err().to_string().contains("-r 1"));
+        let a = AddArgs {
+            auto_zc: true,
+            auto_zc_fallback: true,
+            recovery: 1,
+            ..Default::default()
+        };
+        let (m, f) = plan(&a).unwrap();
+        assert_eq!(m, CopyMode::AutoBufReg { fallback: true });
+        assert_eq!(f, Features::USER_RECOVERY);
+    }
+}
