@@ -1,0 +1,333 @@
+//! The `ublk` command against the real driver: the seed's example, file
+//! systems, fio verification in every copy mode, bad input, `list` and
+//! `features` output. Run in the guest by `cargo xtask test`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn ublk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ublk"))
+        .args(args)
+        .output()
+        .expect("run ublk")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = ublk(args);
+    assert!(
+        o.status.success(),
+        "ublk {args:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `ublk args`, expects failure with exactly one stderr line containing `needle`.
+fn fails(args: &[&str], needle: &str) {
+    let o = ublk(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "ublk {args:?} succeeded");
+    assert!(
+        err.contains(needle),
+        "ublk {args:?}: {err:?} does not mention {needle:?}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ublk_nodes() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/dev")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("ublkb") || n.starts_with("ublkc"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A scratch file under /tmp (ext4 on a virtio disk in the guest).
+fn image(name: &str, size: &str) -> PathBuf {
+    let dir = PathBuf::from(format!("/tmp/ublk-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    sh(&format!("rm -f {0} && truncate -s {size} {0}", p.display()));
+    p
+}
+
+fn first_id(list_out: &str) -> u32 {
+    list_out
+        .lines()
+        .find_map(|l| l.strip_prefix("dev id ")?.split(':').next()?.parse().ok())
+        .expect("dev id line")
+}
+
+fn fio_verify(dev: &str, extra: &str) {
+    sh(&format!(
+        "fio --name=v --filename={dev} --direct=1 --ioengine=io_uring --rw=randwrite --bsrange=4k-256k \
+         --iodepth=32 --size=64M --io_size=16M --verify=crc32c --verify_fatal=1 --do_verify=1 {extra} \
+         --output-format=terse --terse-version=3 | awk -F';' '{{ if ($5 != 0) exit 1 }}'"
+    ));
+}
+
+/// Deletes every ublk device when a test ends, passed or failed, so one
+/// failure does not cascade into the next test.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .args(["-c", "umount /tmp/mnt-* 2>/dev/null; true"])
+            .status();
+        let _ = ublk(&["del", "-a"]);
+    }
+}
+
+fn guest_kernel() -> String {
+    std::env::var("UBLK_RIG_KERNEL").unwrap_or_default()
+}
+
+fn has_feature(name: &str) -> bool {
+    ok(&["features"]).lines().any(|l| l.trim() == name)
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn seed_example_loop_xfs_list_del() {
+    let _cleanup = Cleanup;
+    let img = image("ublk-loop.img", "512M");
+    let out = ok(&["add", "-t", "loop", "-f", img.to_str().unwrap()]);
+    let id = first_id(&out);
+    let dev = format!("/dev/ublkb{id}");
+    sh(&format!(
+        "mkfs.xfs -q -f {dev} && mkdir -p /tmp/mnt-seed && mount {dev} /tmp/mnt-seed"
+    ));
+    sh("cp -a /work/main/ublk-rs /tmp/mnt-seed/ 2>/dev/null || cp -a /usr/share/doc/fio /tmp/mnt-seed/");
+    let sums = sh("cd /tmp/mnt-seed && find . -type f -print0 | sort -z | xargs -0 sha256sum");
+    sh(&format!(
+        "umount /tmp/mnt-seed && mount {dev} /tmp/mnt-seed"
+    ));
+    assert_eq!(
+        sh("cd /tmp/mnt-seed && find . -type f -print0 | sort -z | xargs -0 sha256sum"),
+        sums
+    );
+    sh(&format!("umount /tmp/mnt-seed && xfs_repair -n {dev}"));
+    let list = ok(&["list"]);
+    assert!(
+        list.contains(&format!(
+            "dev id {id}: nr_hw_queues 1 queue_depth 128 block size 512 dev_capacity 1048576"
+        )),
+        "{list}"
+    );
+    assert!(list.contains("state LIVE"), "{list}");
+    assert!(
+        list.contains(&format!("\ttarget loop backing_file {}", img.display())),
+        "{list}"
+    );
+    ok(&["del", "-a"]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+    // The data survives `del` and a second `add` of the same file.
+    let id = first_id(&ok(&["add", "-t", "loop", img.to_str().unwrap()]));
+    sh(&format!("mount /dev/ublkb{id} /tmp/mnt-seed"));
+    assert_eq!(
+        sh("cd /tmp/mnt-seed && find . -type f -print0 | sort -z | xargs -0 sha256sum"),
+        sums
+    );
+    sh("umount /tmp/mnt-seed");
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn ext4_mkfs_fsck_clean() {
+    let _cleanup = Cleanup;
+    let img = image("ext4.img", "256M");
+    let id = first_id(&ok(&[
+        "add",
+        "-t",
+        "loop",
+        "-q",
+        "2",
+        "-f",
+        img.to_str().unwrap(),
+    ]));
+    let dev = format!("/dev/ublkb{id}");
+    sh(&format!(
+        "mkfs.ext4 -q -F {dev} && mkdir -p /tmp/mnt-e4 && mount {dev} /tmp/mnt-e4"
+    ));
+    sh("dd if=/dev/urandom of=/tmp/mnt-e4/blob bs=1M count=20 status=none && sync");
+    let sum = sh("sha256sum /tmp/mnt-e4/blob");
+    sh(&format!("umount /tmp/mnt-e4 && fsck.ext4 -n -f {dev}"));
+    sh(&format!("mount {dev} /tmp/mnt-e4"));
+    assert_eq!(sh("sha256sum /tmp/mnt-e4/blob"), sum);
+    sh("fstrim -v /tmp/mnt-e4 || true; umount /tmp/mnt-e4");
+    ok(&["del", "-n", &id.to_string()]);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn fio_verify_in_every_copy_mode() {
+    let _cleanup = Cleanup;
+    let img = image("fio.img", "128M");
+    let modes: &[(&[&str], &str)] = &[
+        (&[], ""),
+        (&["-u"], "UBLK_F_USER_COPY"),
+        (&["-z"], "UBLK_F_SUPPORT_ZERO_COPY"),
+        (&["--auto_zc"], "UBLK_F_AUTO_BUF_REG"),
+        (&["-g"], "UBLK_F_NEED_GET_DATA"),
+        (&["-q", "2"], ""),
+    ];
+    for (opts, feature) in modes {
+        if !feature.is_empty() && !has_feature(feature) {
+            println!("skipping {opts:?}: kernel lacks {feature}");
+            continue;
+        }
+        let mut args = vec!["add", "-t", "loop", "--quiet"];
+        args.extend_from_slice(opts);
+        args.push(img.to_str().unwrap());
+        ok(&args);
+        let id = first_id(&ok(&["list"]));
+        println!("fio verify with {opts:?}");
+        fio_verify(&format!("/dev/ublkb{id}"), "");
+        ok(&["del", "-n", &id.to_string()]);
+    }
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn null_target_and_piped_add_returns() {
+    let _cleanup = Cleanup;
+    // The daemon must not hold the caller's stdout: this pipeline returns.
+    let out = sh(&format!(
+        "{} add -t null -q 2 | grep 'dev id'",
+        env!("CARGO_BIN_EXE_ublk")
+    ));
+    let id = first_id(&out);
+    sh(&format!("fio --name=r --filename=/dev/ublkb{id} --direct=1 --ioengine=io_uring --rw=randread --bs=4k --iodepth=32 --size=1G --io_size=64M --output-format=terse > /dev/null"));
+    let json = ok(&["list", "-n", &id.to_string(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v[0]["dev_id"], id);
+    assert_eq!(v[0]["nr_hw_queues"], 2);
+    assert_eq!(v[0]["dev_capacity"], 250u64 << 21);
+    assert_eq!(v[0]["state"], "LIVE");
+    assert_eq!(v[0]["target"], "null");
+    ok(&["del", "-n", &id.to_string()]);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn kill_daemon_without_recovery_removes_device() {
+    let _cleanup = Cleanup;
+    let id = first_id(&ok(&["add", "-t", "null"]));
+    let pid: i32 = sh(&format!(
+        "{} list -n {id} --json",
+        env!("CARGO_BIN_EXE_ublk")
+    ))
+    .split("\"daemon_pid\": ")
+    .nth(1)
+    .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+    .unwrap();
+    sh(&format!("kill -9 {pid}"));
+    wait_until("/dev/ublkb to go after kill -9", 20, || {
+        !Path::new(&format!("/dev/ublkb{id}")).exists()
+    });
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("/dev/ublkc to go", 10, || {
+        !Path::new(&format!("/dev/ublkc{id}")).exists()
+    });
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn features_output_names_every_bit() {
+    let _cleanup = Cleanup;
+    let out = ok(&["features"]);
+    let mut lines = out.lines();
+    let first = lines.next().unwrap();
+    let mask =
+        u64::from_str_radix(first.strip_prefix("ublk_drv features: 0x").unwrap(), 16).unwrap();
+    let names: Vec<&str> = lines.map(str::trim).collect();
+    assert_eq!(names.len(), mask.count_ones() as usize);
+    assert!(names.iter().all(|n| n.starts_with("UBLK_F_")), "{names:?}");
+    match guest_kernel().as_str() {
+        "sid" => assert_eq!(mask & 0xfffff, 0xfffff),
+        "trixie" => assert_eq!(mask, 0x1fe),
+        _ => {}
+    }
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn bad_input_one_line_no_device_left() {
+    let _cleanup = Cleanup;
+    let dir = image("x", "1M");
+    let dir = dir.parent().unwrap();
+    let empty = image("empty.img", "0");
+    let odd = image("odd.img", "1000");
+    let d = dir.to_str().unwrap();
+    fails(
+        &["add", "-t", "loop", "-f", "/nonexistent.img"],
+        "backing file /nonexistent.img does not exist",
+    );
+    fails(&["add", "-t", "loop", "-f", d], "is a directory");
+    fails(
+        &["add", "-t", "loop", "-f", empty.to_str().unwrap()],
+        "is empty",
+    );
+    fails(
+        &["add", "-t", "loop", "-f", odd.to_str().unwrap()],
+        "not a multiple of the logical block size",
+    );
+    fails(&["add", "-t", "loop"], "needs a backing file");
+    fails(&["add", "-t", "null", "-d", "0"], "queue depth 0");
+    fails(&["add", "-t", "null", "-d", "5000"], "queue depth 5000");
+    fails(&["add", "-t", "null", "-q", "0"], "number of queues 0");
+    fails(&["del", "-n", "977"], "device 977 does not exist");
+    fails(
+        &["recover", "-n", "977", "-t", "null"],
+        "device 977 does not exist",
+    );
+    let id = first_id(&ok(&["add", "-t", "null"]));
+    fails(
+        &["add", "-t", "null", "-n", &id.to_string()],
+        &format!("device id {id} is already in use"),
+    );
+    ok(&["del", "-n", &id.to_string()]);
+    if guest_kernel() == "trixie" {
+        fails(
+            &["add", "-t", "null", "--auto_zc"],
+            "does not support UBLK_F_AUTO_BUF_REG",
+        );
+        fails(
+            &["add", "-t", "null", "-z"],
+            "does not support UBLK_F_SUPPORT_ZERO_COPY",
+        );
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_ublk"))
+        .args(["add", "-t", "raid"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    wait_until("no device left behind", 10, || ublk_nodes().is_empty());
+}
