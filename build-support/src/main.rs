@@ -1,1 +1,205 @@
-fn main() {}
+//! `cargo xtask`: developer commands of the ublk-rs workspace.
+//!
+//! * `vm` runs a command as root in a QEMU guest booted with a Debian kernel
+//!   that has the ublk driver (this rig's reason to exist: the host kernel
+//!   may lack ublk, and KVM may be unavailable).
+//! * `test` runs lints, host tests, and the kernel-needing (`#[ignore]`d)
+//!   tests in guests.
+//! * `refresh-header` updates ublk-sys's copy of the kernel's ublk_cmd.h.
+
+mod demo;
+mod deps;
+mod header;
+mod initramfs;
+mod kernel;
+mod test;
+mod util;
+mod vm;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use kernel::Suite;
+
+/// Developer commands of the ublk-rs workspace.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a command as root in a guest with the ublk driver.
+    Vm {
+        /// The Debian suite whose newest kernel to boot.
+        #[arg(long, value_enum, default_value = "sid")]
+        kernel: Suite,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 2400)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 3072)]
+        mem: u32,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// The main job: the kernel documentation's loop-device example, end
+    /// to end, in a guest.
+    Demo {
+        /// The Debian suite whose newest kernel to boot.
+        #[arg(long, value_enum, default_value = "sid")]
+        kernel: Suite,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 3072)]
+        mem: u32,
+    },
+    /// Lint, run the host tests, then the kernel tests in guests.
+    Test {
+        /// Which kernels to run the guest tests on.
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: KernelChoice,
+        /// Skip the guest tests.
+        #[arg(long)]
+        host_only: bool,
+        /// Skip cargo fmt, clippy and doc.
+        #[arg(long)]
+        skip_lint: bool,
+        /// Seconds before a guest is killed.
+        #[arg(long, default_value_t = 2400)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 3072)]
+        mem: u32,
+    },
+    /// Update ublk-sys/include/ublk_cmd.h from Debian's newest kernel source.
+    RefreshHeader {
+        /// The Debian suite whose linux-source package to use.
+        #[arg(long, value_enum, default_value = "sid")]
+        suite: Suite,
+        /// Only resolve and print the package, download nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Write ublk_cmd.h and KERNEL_VERSION here instead of
+        /// ublk-sys/include.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+        /// Do not regenerate the ublk-sys bindings afterwards.
+        #[arg(long)]
+        no_bindings: bool,
+    },
+}
+
+/// `--kernel` of `cargo xtask test`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KernelChoice {
+    /// Debian unstable's kernel.
+    Sid,
+    /// Debian 13's kernel.
+    Trixie,
+    /// Both, sid first.
+    All,
+}
+
+impl KernelChoice {
+    /// The suites selected.
+    fn suites(self) -> Vec<Suite> {
+        match self {
+            KernelChoice::Sid => vec![Suite::Sid],
+            KernelChoice::Trixie => vec![Suite::Trixie],
+            KernelChoice::All => vec![Suite::Sid, Suite::Trixie],
+        }
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Cmd::Vm {
+            kernel,
+            timeout,
+            mem,
+            command,
+        } => {
+            deps::ensure(deps::VM_PACKAGES)?;
+            let ws = util::Workspace::locate()?;
+            let kernel = kernel::fetch(kernel)?;
+            eprintln!(
+                "booting {} kernel {} ({})...",
+                kernel.suite, kernel.release, kernel.package_version
+            );
+            let opts =
+                vm::VmOptions::new(&kernel, ws.target_dir, mem, Duration::from_secs(timeout))?;
+            let body = format!("exec {}", util::shell_join(&command));
+            let outcome = vm::run(&kernel, &opts, &body)?;
+            if std::env::var_os("UBLK_RIG_VERBOSE").is_some() {
+                eprintln!("guest boot took {:.1} s", outcome.boot_secs);
+            }
+            Ok(u8::try_from(outcome.status).unwrap_or(1))
+        }
+        Cmd::Demo {
+            kernel,
+            timeout,
+            mem,
+        } => {
+            let mut pkgs = deps::VM_PACKAGES.to_vec();
+            pkgs.extend(deps::TEST_PACKAGES);
+            deps::ensure(&pkgs)?;
+            demo::run(kernel, mem, Duration::from_secs(timeout))
+        }
+        Cmd::Test {
+            kernel,
+            host_only,
+            skip_lint,
+            timeout,
+            mem,
+        } => {
+            let mut pkgs = deps::VM_PACKAGES.to_vec();
+            pkgs.extend(deps::TEST_PACKAGES);
+            deps::ensure(&pkgs)?;
+            let ok = test::run(&test::TestOptions {
+                suites: kernel.suites(),
+                host_only,
+                skip_lint,
+                timeout: Duration::from_secs(timeout),
+                mem_mb: mem,
+            })?;
+            Ok(if ok { 0 } else { 1 })
+        }
+        Cmd::RefreshHeader {
+            suite,
+            dry_run,
+            out_dir,
+            no_bindings,
+        } => {
+            deps::ensure(&["xz-utils", "debian-archive-keyring", "libclang-dev"])?;
+            header::refresh(&header::RefreshOptions {
+                suite,
+                resolve_only: dry_run,
+                out_dir,
+                no_bindings,
+            })?;
+            Ok(0)
+        }
+    }
+}
+
+/// Entry point: runs the CLI, printing any error as one line.
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! `cargo xtask test`: lints, host tests, then every test binary's ignored
+//! (kernel-needing) tests in one guest per kernel.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::kernel::{self, Suite};
+use crate::util::{self, shell_quote, Workspace};
+use crate::vm;
+
+/// A test executable built by cargo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestBinary {
+    /// A readable name: the target name and kind, e.g. `e2e (test)`.
+    pub name: String,
+    /// The executable.
+    pub path: PathBuf,
+    /// The directory of the package's Cargo.toml (cargo test's working
+    /// directory for it).
+    pub package_dir: PathBuf,
+}
+
+/// Extracts the test executables from `cargo test --no-run
+/// --message-format=json` output.
+pub fn parse_artifacts(json_lines: &str) -> Vec<TestBinary> {
+    json_lines
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["profile"]["test"] == true)
+        .filter_map(|v| {
+            let path = PathBuf::from(v["executable"].as_str()?);
+            let target = v["target"]["name"].as_str()?;
+            let kind = v["target"]["kind"]
+                .as_array()
+                .and_then(|k| k.first())
+                .and_then(|k| k.as_str())
+                .unwrap_or("test");
+            let package_dir = PathBuf::from(v["manifest_path"].as_str()?)
+                .parent()?
+                .to_owned();
+            Some(TestBinary {
+                name: format!("{target} ({kind})"),
+                path,
+                package_dir,
+            })
+        })
+        .collect()
+}
+
+/// Options of `cargo xtask test`.
+#[derive(Debug)]
+pub struct TestOptions {
+    /// Kernels to run the guest tests on.
+    pub suites: Vec<Suite>,
+    /// Only lint and run the host tests.
+    pub host_only: bool,
+    /// Skip fmt, clippy and doc.
+    pub skip_lint: bool,
+    /// Guest timeout.
+    pub timeout: Duration,
+    /// Guest memory in MiB.
+    pub mem_mb: u32,
+}
+
+/// One row of the summary.
+#[derive(Debug)]
+struct Row {
+    kernel: String,
+    binary: String,
+    result: String,
+}
+
+/// Runs a cargo step in the workspace root; records failure in `rows`.
+fn cargo_step(
+    ws: &Workspace,
+    label: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    rows: &mut Vec<Row>,
+) {
+    eprintln!("\n=== {label} ===");
+    let mut cmd = util::cargo();
+    cmd.args(args).current_dir(&ws.root);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    eprintln!("+ {}", util::describe(&cmd));
+    let result = match util::run(&mut cmd) {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            "FAILED".to_owned()
+        }
+    };
+    rows.push(Row {
+        kernel: "host".into(),
+        binary: label.into(),
+        result,
+    });
+}
+
+/// Builds the test binaries (and the workspace's binaries) and lists them.
+fn build_test_binaries(ws: &Workspace) -> Result<Vec<TestBinary>> {
+    eprintln!("\n=== building test binaries ===");
+    util::run(
+        util::cargo()
+            .args(["build", "--workspace", "--bins"])
+            .current_dir(&ws.root),
+    )?;
+    let mut cmd = util::cargo();
+    cmd.args(["test", "--workspace", "--no-run", "--message-format=json"])
+        .current_dir(&ws.root)
+        .stdout(Stdio::piped());
+    let out = cmd
+        .spawn()
+        .and_then(|c| c.wait_with_output())
+        .context("cannot run cargo test --no-run")?;
+    if !out.status.success() {
+        anyhow::bail!("cargo test --no-run failed ({})", out.status);
+    }
+    Ok(parse_artifacts(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The guest script running every binary's ignored tests.
+fn guest_script(label: &str, binaries: &[TestBinary]) -> Result<String> {
+    let mut s = String::from("failed=0\n");
+    for b in binaries {
+        let path = util::utf8(b.path.as_os_str(), "test binary path")?;
+        let dir = util::utf8(b.package_dir.as_os_str(), "package directory")?;
+        let header = format!("=== [{label}] {} ===", b.name);
+        s += &format!(
+            "echo {header}\n(cd {dir} && {path} --ignored --test-threads=1)\nst=$?\n\
+             [ $st -eq 0 ] || failed=1\necho\necho {marker} $st {name}\n",
+            header = shell_quote(&header),
+            dir = shell_quote(dir),
+            path = shell_quote(path),
+            marker = RESULT_MARKER,
+            name = shell_quote(&b.name),
+        );
+    }
+    s += "exit $failed\n";
+    Ok(s)
+}
+
+/// Marker of one binary's result: `MARKER STATUS NAME`.
+const RESULT_MARKER: &str = "@@UBLK-RIG-RESULT@@";
+
+/// Runs `cargo xtask test`; returns whether everything passed.
+pub fn run(opts: &TestOptions) -> Result<bool> {
+    let ws = Workspace::locate()?;
+    let mut rows = Vec::new();
+    if !opts.skip_lint {
+        cargo_step(
+            &ws,
+            "cargo fmt",
+            &["fmt", "--all", "--", "--check"],
+            &[],
+            &mut rows,
+        );
+        cargo_step(
+            &ws,
+            "cargo clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+            &mut rows,
+        );
+        cargo_step(
+            &ws,
+            "cargo doc",
+            &["doc", "--workspace", "--no-deps"],
+            &[("RUSTDOCFLAGS", "-D warnings")],
+            &mut rows,
+        );
+    }
+    cargo_step(
+        &ws,
+        "cargo test (host)",
+        &["test", "--workspace"],
+        &[],
+        &mut rows,
+    );
+
+    if !opts.host_only {
+        match build_test_binaries(&ws) {
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                rows.push(Row {
+                    kernel: "host".into(),
+                    binary: "build test binaries".into(),
+                    result: "FAILED".into(),
+                });
+            }
+            Ok(binaries) => {
+                eprintln!("{} test binaries", binaries.len());
+                for &suite in &opts.suites {
+                    guest_run(&ws, suite, &binaries, opts, &mut rows);
+                }
+            }
+        }
+    }
+
+    let all_ok = rows.iter().all(|r| r.result == "ok");
+    print_summary(&rows);
+    Ok(all_ok)
+}
+
+/// Boots one guest of `suite` running all binaries; adds rows.
+fn guest_run(
+    ws: &Workspace,
+    suite: Suite,
+    binaries: &[TestBinary],
+    opts: &TestOptions,
+    rows: &mut Vec<Row>,
+) {
+    let failed_row = |rows: &mut Vec<Row>, kernel: String, e: anyhow::Error| {
+        eprintln!("error: {e:#}");
+        rows.push(Row {
+            kernel,
+            binary: "(guest)".into(),
+            result: format!("FAILED: {e:#}"),
+        });
+    };
+    let kernel = match kernel::fetch(suite) {
+        Ok(k) => k,
+        Err(e) => return failed_row(rows, suite.to_string(), e),
+    };
+    let label = format!("{suite} {}", kernel.version());
+    eprintln!("\n=== guest tests on {label} ({}) ===", kernel.release);
+    let outcome = guest_script(&label, binaries).and_then(|script| {
+        let vm_opts =
+            vm::VmOptions::new(&kernel, ws.target_dir.clone(), opts.mem_mb, opts.timeout)?;
+        vm::run(&kernel, &vm_opts, &script)
+    });
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => return failed_row(rows, label, e),
+    };
+    let mut seen = 0;
+    for line in &outcome.rig_lines {
+        let Some(rest) = line.strip_prefix(RESULT_MARKER) else {
+            continue;
+        };
+        let (status, name) = rest.trim().split_once(' ').unwrap_or((rest.trim(), "?"));
+        seen += 1;
+        rows.push(Row {
+            kernel: label.clone(),
+            binary: name.to_owned(),
+            result: if status == "0" {
+                "ok".into()
+            } else {
+                format!("FAILED (exit {status})")
+            },
+        });
+    }
+    if seen < binaries.len() || (outcome.status != 0 && seen == 0) {
+        rows.push(Row {
+            kernel: label,
+            binary: "(guest)".into(),
+            result: format!("FAILED: {seen} of {} binaries reported", binaries.len()),
+        });
+    }
+}
+
+/// Prints the summary table.
+fn print_summary(rows: &[Row]) {
+    let w0 = rows
+        .iter()
+        .map(|r| r.kernel.len())
+        .chain([6])
+        .max()
+        .unwrap_or(6);
+    let w1 = rows
+        .iter()
+        .map(|r| r.binary.len())
+        .chain([6])
+        .max()
+        .unwrap_or(6);
+    println!("\n=== summary ===");
+    println!("{:w0$}  {:w1$}  result", "kernel", "binary");
+    for r in rows {
+        println!("{:w0$}  {:w1$}  {}", r.kernel, r.binary, r.result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifacts() {
+        let json = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/ublk-rs#ublk@0.1.0","manifest_path":"/w/ublk-rs/Cargo.toml","target":{"kind":["lib"],"crate_types":["lib"],"name":"ublk","src_path":"/w/ublk-rs/src/lib.rs"},"profile":{"opt_level":"0","test":true},"features":[],"filenames":["/w/target/debug/deps/ublk-abc"],"executable":"/w/target/debug/deps/ublk-abc","fresh":true}
+{"reason":"compiler-artifact","manifest_path":"/w/ublk-rs/Cargo.toml","target":{"kind":["lib"],"name":"ublk"},"profile":{"test":false},"executable":null}
+{"reason":"compiler-artifact","manifest_path":"/w/Cargo.toml","target":{"kind":["test"],"name":"e2e"},"profile":{"test":true},"executable":"/w/target/debug/deps/e2e-1"}
+{"reason":"build-script-executed","package_id":"x"}
+{"reason":"build-finished","success":true}
+not json"#;
+        let bins = parse_artifacts(json);
+        assert_eq!(
+            bins,
+            [
+                TestBinary {
+                    name: "ublk (lib)".into(),
+                    path: "/w/target/debug/deps/ublk-abc".into(),
+                    package_dir: "/w/ublk-rs".into(),
+                },
+                TestBinary {
+                    name: "e2e (test)".into(),
+                    path: "/w/target/debug/deps/e2e-1".into(),
+                    package_dir: "/w".into(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn script() {
+        let bins = [TestBinary {
+            name: "e2e (test)".into(),
+            path: "/w/t/e2e-1".into(),
+            package_dir: "/w".into(),
+        }];
+        let s = guest_script("sid 7.2.13", &bins).expect("script");
+        assert!(s.contains("echo '=== [sid 7.2.13] e2e (test) ==='\n"));
+        assert!(s.contains("(cd /w && /w/t/e2e-1 --ignored --test-threads=1)\n"));
+        assert!(s.contains("echo @@UBLK-RIG-RESULT@@ $st 'e2e (test)'\n"));
+        assert!(s.ends_with("exit $failed\n"));
+    }
+}
