@@ -265,7 +265,8 @@ ctrl_command! {
     /// to the `len` bytes at `mask`.
     GetQueueAffinity = UBLK_U_CMD_GET_QUEUE_AFFINITY, legacy: Some(ublk_sys::UBLK_CMD_GET_QUEUE_AFFINITY);
     new(dev_id: u32, q_id: u16, mask: *mut u8, len: u16) =>
-        ublksrv_ctrl_cmd { queue_id: q_id, ..ctrl_header(dev_id, mask as u64, len, 0) }
+        // The kernel reads the queue from data[0]; queue_id stays "none".
+        ctrl_header(dev_id, mask as u64, len, u64::from(q_id))
 }
 ctrl_command! {
     /// `UBLK_U_CMD_GET_FEATURES`: the kernel's `UBLK_F_*` mask, written to `out`.
