@@ -348,7 +348,8 @@ impl Control {
         Ok(out)
     }
 
-    /// `DEL_DEV`: removes the device; waits until its char device is released.
+    /// `DEL_DEV`: removes the device; waits until its char device is released
+    /// (and so until every opener of `/dev/ublkbN` has closed it).
     pub fn del_dev(&self, dev: impl Into<DevRef>) -> Result<()> {
         let dev = dev.into();
         self.run(cmd::DelDev::new(dev.id), Some(dev), None)
@@ -379,6 +380,7 @@ impl Control {
     /// `TRY_STOP_DEV`: stops the device only if nobody has it open (`EBUSY` otherwise).
     pub fn try_stop_dev(&self, dev: impl Into<DevRef>) -> Result<()> {
         let dev = dev.into();
+        self.require(Features::SAFE_STOP_DEV)?;
         self.run(cmd::TryStopDev::new(dev.id), Some(dev), None)
             .map(drop)
     }
