@@ -65,3 +65,10 @@ pub fn ensure(pkgs: &[&str]) -> Result<()> {
     args.extend(&missing);
     apt(&args).with_context(|| format!("cannot install {}", missing.join(" ")))
 }
+
+/// Installs what the guest rig and the guest tests need.
+pub fn ensure_for_tests() -> Result<()> {
+    let mut pkgs = VM_PACKAGES.to_vec();
+    pkgs.extend(TEST_PACKAGES);
+    ensure(&pkgs)
+}

@@ -151,9 +151,7 @@ fn run(cli: Cli) -> Result<u8> {
             timeout,
             mem,
         } => {
-            let mut pkgs = deps::VM_PACKAGES.to_vec();
-            pkgs.extend(deps::TEST_PACKAGES);
-            deps::ensure(&pkgs)?;
+            deps::ensure_for_tests()?;
             demo::run(kernel, mem, Duration::from_secs(timeout))
         }
         Cmd::Test {
@@ -163,9 +161,7 @@ fn run(cli: Cli) -> Result<u8> {
             timeout,
             mem,
         } => {
-            let mut pkgs = deps::VM_PACKAGES.to_vec();
-            pkgs.extend(deps::TEST_PACKAGES);
-            deps::ensure(&pkgs)?;
+            deps::ensure_for_tests()?;
             let ok = test::run(&test::TestOptions {
                 suites: kernel.suites(),
                 host_only,

@@ -61,6 +61,19 @@ pub enum Encoding {
     Legacy,
 }
 
+impl Encoding {
+    /// The opcode of a command with ioctl opcode `code` and legacy opcode
+    /// `legacy` under this encoding (commands without a legacy opcode keep
+    /// the ioctl one).
+    #[inline]
+    pub const fn opcode(self, code: u32, legacy: Option<u32>) -> u32 {
+        match (self, legacy) {
+            (Self::Legacy, Some(l)) => l,
+            _ => code,
+        }
+    }
+}
+
 /// The `queue_id` of a control command that is not about a queue.
 const NO_QUEUE: u16 = u16::MAX;
 
@@ -172,10 +185,7 @@ macro_rules! ctrl_command {
             /// The opcode for the chosen encoding.
             #[inline]
             pub const fn opcode(&self) -> u32 {
-                match (self.encoding, Self::LEGACY_CODE) {
-                    (Encoding::Legacy, Some(code)) => code,
-                    _ => Self::CODE,
-                }
+                self.encoding.opcode(Self::CODE, Self::LEGACY_CODE)
             }
 
             /// The 128-byte SQE for `fd` (the control device).
@@ -367,10 +377,7 @@ macro_rules! io_command {
             /// The opcode for the chosen encoding.
             #[inline]
             pub const fn opcode(&self) -> u32 {
-                match (self.encoding, Self::LEGACY_CODE) {
-                    (Encoding::Legacy, Some(code)) => code,
-                    _ => Self::CODE,
-                }
+                self.encoding.opcode(Self::CODE, Self::LEGACY_CODE)
             }
 
             /// The 64-byte SQE.
