@@ -22,17 +22,23 @@ fn ram_device(ctrl: &Arc<Control>, builder: DeviceBuilder, cap: u64) -> TestDevi
 }
 
 /// fio random writes with crc32c verification of `mode` over `queues` queues.
-fn verify_mode(mode: CopyMode, queues: u16) {
+fn verify_mode(mode: CopyMode, queues: u16, batch: bool) {
     let t0 = Instant::now();
     let ctrl = Arc::new(Control::open().expect("opening /dev/ublk-control"));
-    if let Err(e) = ctrl.require(mode.features()) {
-        eprintln!("skipped {mode:?}: {e}");
+    let wanted = if batch {
+        mode.features() | ublk::Features::BATCH_IO
+    } else {
+        mode.features()
+    };
+    if let Err(e) = ctrl.require(wanted) {
+        eprintln!("skipped {mode:?} (batch: {batch}): {e}");
         return;
     }
     let builder = DeviceBuilder::new()
         .queues(queues)
         .depth(32)
-        .copy_mode(mode);
+        .copy_mode(mode)
+        .batch(batch);
     let dev = ram_device(&ctrl, builder, 64 * MIB);
     let id = dev.id;
     note(t0, format_args!("{mode:?} x{queues}: /dev/ublkb{id} live"));
@@ -65,11 +71,11 @@ fn verify_mode(mode: CopyMode, queues: u16) {
 }
 
 macro_rules! verify_tests {
-    ($($name:ident: $mode:expr, $queues:expr;)*) => {$(
+    ($($name:ident: $mode:expr, $queues:expr $(, $batch:ident)?;)*) => {$(
         #[test]
         #[ignore = "needs ublk_drv: run with cargo xtask test"]
         fn $name() {
-            verify_mode($mode, $queues);
+            verify_mode($mode, $queues, false $(|| stringify!($batch) == "batch")?);
         }
     )*};
 }
@@ -85,6 +91,11 @@ verify_tests! {
     verify_zero_copy_2q: CopyMode::ZeroCopy, 2;
     verify_auto_buf_reg_1q: CopyMode::AutoBufReg { fallback: false }, 1;
     verify_auto_buf_reg_2q: CopyMode::AutoBufReg { fallback: false }, 2;
+    verify_batch_copy_1q: CopyMode::Copy, 1, batch;
+    verify_batch_copy_2q: CopyMode::Copy, 2, batch;
+    verify_batch_user_copy_1q: CopyMode::UserCopy, 1, batch;
+    verify_batch_zero_copy_2q: CopyMode::ZeroCopy, 2, batch;
+    verify_batch_auto_buf_reg_1q: CopyMode::AutoBufReg { fallback: true }, 1, batch;
 }
 
 /// Waits until the disk has completed `n` reads (or `timeout` passed);

@@ -462,3 +462,147 @@ impl CommitAndFetchReq {
         self
     }
 }
+
+/// The byte size of one batch element for `flags` (`UBLK_BATCH_F_*`):
+/// the 8-byte `ublk_elem_header`, plus 8 for a buffer address, plus 8 for a
+/// zone-append LBA.
+#[inline]
+pub const fn batch_elem_bytes(flags: u16) -> u8 {
+    let mut n = 8;
+    if flags as u32 & ublk_sys::UBLK_BATCH_F_HAS_BUF_ADDR != 0 {
+        n += 8;
+    }
+    if flags as u32 & ublk_sys::UBLK_BATCH_F_HAS_ZONE_LBA != 0 {
+        n += 8;
+    }
+    n
+}
+
+/// Offsets in `struct io_uring_sqe` that `io_uring::opcode::UringCmd16`
+/// leaves alone and batch commands need.
+const SQE_LEN: usize = 24;
+const SQE_URING_CMD_FLAGS: usize = 28;
+const SQE_BUF_GROUP: usize = 40;
+/// `IORING_URING_CMD_MULTISHOT`.
+pub const IORING_URING_CMD_MULTISHOT: u32 = 1 << 1;
+
+fn batch_entry(
+    fd: FileRef,
+    opcode: u32,
+    hdr: &ublk_sys::ublk_batch_io,
+    addr: u64,
+    len: u32,
+) -> Entry {
+    let mut cmd = [0u8; 16];
+    cmd.copy_from_slice(hdr.as_bytes());
+    let e = match fd {
+        FileRef::Fd(fd) => UringCmd16::new(types::Fd(fd), opcode)
+            .cmd(cmd)
+            .addr(Some(addr))
+            .build(),
+        FileRef::Fixed(i) => UringCmd16::new(types::Fixed(i), opcode)
+            .cmd(cmd)
+            .addr(Some(addr))
+            .build(),
+    };
+    crate::pod::patch_sqe(e, |b| {
+        b[SQE_LEN..SQE_LEN + 4].copy_from_slice(&len.to_ne_bytes())
+    })
+}
+
+macro_rules! batch_buf_command {
+    ($(#[$doc:meta])* $name:ident = $ioctl:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        #[must_use = "a builder does nothing until built and submitted"]
+        pub struct $name {
+            fd: FileRef,
+            hdr: ublk_sys::ublk_batch_io,
+            buf: *const u8,
+        }
+
+        impl $name {
+            /// The ioctl-encoded opcode (batch commands have no legacy one).
+            pub const CODE: u32 = ublk_sys::$ioctl;
+
+            /// `nr_elem` elements of [`batch_elem_bytes`]`(flags)` bytes each
+            /// at `buf`, for queue `q_id`.
+            #[inline]
+            pub fn new(fd: impl Into<FileRef>, q_id: u16, flags: u16, nr_elem: u16, buf: *const u8) -> Self {
+                let hdr = ublk_sys::ublk_batch_io {
+                    q_id,
+                    flags,
+                    nr_elem,
+                    elem_bytes: batch_elem_bytes(flags),
+                    ..Default::default()
+                };
+                Self { fd: fd.into(), hdr, buf }
+            }
+
+            /// The `ublk_batch_io` this builder carries.
+            #[inline]
+            pub const fn batch_io(&self) -> &ublk_sys::ublk_batch_io {
+                &self.hdr
+            }
+
+            /// The 64-byte SQE (`sqe->addr`/`len` describe the elements).
+            #[inline]
+            pub fn build(self) -> Entry {
+                let len = u32::from(self.hdr.nr_elem) * u32::from(self.hdr.elem_bytes);
+                batch_entry(self.fd, Self::CODE, &self.hdr, self.buf as u64, len)
+            }
+        }
+    };
+}
+
+batch_buf_command! {
+    /// `UBLK_U_IO_PREP_IO_CMDS`: hand tags (with their buffers) to the kernel.
+    PrepIoCmds = UBLK_U_IO_PREP_IO_CMDS
+}
+batch_buf_command! {
+    /// `UBLK_U_IO_COMMIT_IO_CMDS`: complete requests in bulk; the result is
+    /// how many bytes of elements the kernel took (the rest is not committed).
+    CommitIoCmds = UBLK_U_IO_COMMIT_IO_CMDS
+}
+
+/// `UBLK_U_IO_FETCH_IO_CMDS`: a multishot command that fills buffers from
+/// provided-buffer group `buf_group` with the `u16` tags of new requests.
+#[derive(Debug, Clone, Copy)]
+#[must_use = "a builder does nothing until built and submitted"]
+pub struct FetchIoCmds {
+    fd: FileRef,
+    hdr: ublk_sys::ublk_batch_io,
+    buf_group: u16,
+}
+
+impl FetchIoCmds {
+    /// The ioctl-encoded opcode.
+    pub const CODE: u32 = ublk_sys::UBLK_U_IO_FETCH_IO_CMDS;
+
+    /// Fetches for queue `q_id` into buffers of group `buf_group`.
+    #[inline]
+    pub fn new(fd: impl Into<FileRef>, q_id: u16, buf_group: u16) -> Self {
+        let hdr = ublk_sys::ublk_batch_io {
+            q_id,
+            elem_bytes: size_of::<u16>() as u8,
+            ..Default::default()
+        };
+        Self {
+            fd: fd.into(),
+            hdr,
+            buf_group,
+        }
+    }
+
+    /// The 64-byte SQE: multishot, with buffer select from the group.
+    #[inline]
+    pub fn build(self) -> Entry {
+        let e = batch_entry(self.fd, Self::CODE, &self.hdr, 0, 0)
+            .flags(io_uring::squeue::Flags::BUFFER_SELECT);
+        crate::pod::patch_sqe(e, |b| {
+            b[SQE_URING_CMD_FLAGS..SQE_URING_CMD_FLAGS + 4]
+                .copy_from_slice(&IORING_URING_CMD_MULTISHOT.to_ne_bytes());
+            b[SQE_BUF_GROUP..SQE_BUF_GROUP + 2].copy_from_slice(&self.buf_group.to_ne_bytes());
+        })
+    }
+}

@@ -76,6 +76,16 @@ impl DeviceBuilder {
         self.mode = mode;
         self
     }
+    /// Batch I/O (`UBLK_F_BATCH_IO`): one multishot fetch and one commit per
+    /// batch of requests instead of one command per request.
+    pub const fn batch(mut self, on: bool) -> Self {
+        self.flags = if on {
+            self.flags.union(Features::BATCH_IO)
+        } else {
+            self.flags.difference(Features::BATCH_IO)
+        };
+        self
+    }
     /// Further `UBLK_F_*` flags (recovery, unprivileged, …).
     pub const fn flags(mut self, flags: Features) -> Self {
         self.flags = flags;
@@ -135,6 +145,11 @@ impl DeviceBuilder {
                 "recovery reissue, fail-I/O and quiesce need user recovery (-r 1)".into(),
             ));
         }
+        if f.contains(Features::BATCH_IO | Features::NEED_GET_DATA) {
+            return Err(Error::Invalid(
+                "batch I/O (-b) does not work with NEED_GET_DATA (-g)".into(),
+            ));
+        }
         if f.contains(Features::USER_RECOVERY_REISSUE | Features::USER_RECOVERY_FAIL_IO) {
             return Err(Error::Invalid(
                 "recovery reissue (-i 1) and fail-I/O (-e 1) exclude each other".into(),
@@ -175,14 +190,21 @@ impl DeviceBuilder {
     }
 }
 
-/// Opens `/dev/ublkcN`, waiting up to 5 s for udev/devtmpfs to create it.
+/// Opens `/dev/ublkcN`, waiting up to 5 s for devtmpfs to create it and,
+/// for an unprivileged device, for the udev rule the kernel documentation
+/// asks for to hand it to its owner (`EACCES`/`EPERM` until then).
 pub fn open_char_dev(id: u32) -> Result<OwnedFd> {
     let path = char_dev_path(id);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => return Ok(f.into()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                ) && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(source) => return Err(Error::Open { path, source }),
@@ -233,7 +255,18 @@ impl Device {
                 "device {id} was not created with user recovery (-r 1)"
             )));
         }
-        ctrl.start_user_recovery(info.dev_ref())?;
+        // The kernel answers EBUSY until the dead server's char device is
+        // released and the device is quiesced (or failing I/O): right
+        // after a kill that takes a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ctrl.start_user_recovery(info.dev_ref()) {
+                Err(e) if e.errno() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        }
         let params = ctrl.get_params(info.dev_ref()).ok();
         let cdev = open_char_dev(id)?;
         // A failed recovery must not delete the device the user wants back.
@@ -340,6 +373,7 @@ impl Device {
                     capacity_sectors,
                     mode,
                     encoding: ctrl.encoding(),
+                    batch: info.flags().contains(Features::BATCH_IO),
                 };
                 let cdev = cdev.as_fd();
                 let h = std::thread::Builder::new()

@@ -195,3 +195,122 @@ mod tests {
         assert_eq!(page_round_up(1), rustix::param::page_size());
     }
 }
+
+/// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`) with its buffers:
+/// `entries` slots of `struct io_uring_buf` (16 bytes), the tail in the
+/// first slot's last two bytes, and one buffer of `buf_size` bytes per slot.
+/// Used by batch I/O's multishot `FETCH_IO_CMDS`, which fills a buffer with
+/// the tags of new requests.
+#[derive(Debug)]
+pub struct BufRing {
+    ring: NonNull<u8>,
+    ring_len: usize,
+    bufs: IoBuffers,
+    entries: u16,
+    tail: u16,
+}
+
+// SAFETY: plain memory shared with the kernel; all access is through
+// `&mut self` (ours) or atomics/volatile (the tail, and the kernel's reads).
+unsafe impl Send for BufRing {}
+
+impl BufRing {
+    /// A ring of `entries` (a power of two) buffers of `buf_size` bytes, all
+    /// provided (the ring starts full).
+    pub fn new(entries: u16, buf_size: usize) -> Result<Self> {
+        if !entries.is_power_of_two() {
+            return Err(Error::Invalid(format!(
+                "buffer ring size {entries} is not a power of two"
+            )));
+        }
+        let ring_len = page_round_up(usize::from(entries) * 16);
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let ptr = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                ring_len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }
+        .map_err(|e| Error::io("allocating a buffer ring")(e.into()))?;
+        let ring =
+            NonNull::new(ptr.cast()).ok_or_else(|| Error::Invalid("mmap returned NULL".into()))?;
+        let bufs = IoBuffers::new(usize::from(entries), buf_size)?;
+        let mut r = Self {
+            ring,
+            ring_len,
+            bufs,
+            entries,
+            tail: 0,
+        };
+        for bid in 0..entries {
+            r.provide(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    /// The ring's address, for registration.
+    #[inline]
+    pub fn ring_addr(&self) -> u64 {
+        self.ring.as_ptr() as u64
+    }
+
+    /// Number of slots.
+    #[inline]
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// Puts buffer `bid` back at the tail (visible after [`BufRing::publish`]).
+    #[inline]
+    pub fn provide(&mut self, bid: u16) {
+        let Some(addr) = self.bufs.addr(usize::from(bid)) else {
+            return;
+        };
+        let slot = usize::from(self.tail & (self.entries - 1)) * 16;
+        let mut entry = [0u8; 14];
+        entry[..8].copy_from_slice(&(addr as u64).to_ne_bytes());
+        entry[8..12].copy_from_slice(&(self.bufs.buf_size() as u32).to_ne_bytes());
+        entry[12..14].copy_from_slice(&bid.to_ne_bytes());
+        // `slot + 14 <= entries * 16 <= ring_len`; bytes 14..16 of slot 0
+        // are the tail, which this write does not touch.
+        let dst = self.ring.as_ptr().wrapping_add(slot);
+        // SAFETY: `dst..dst + 14` is inside the ring mapping (see above),
+        // which only this `&mut self` writes from userspace.
+        unsafe { std::ptr::copy_nonoverlapping(entry.as_ptr(), dst, 14) };
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes provided buffers visible to the kernel (store-release of the tail).
+    #[inline]
+    pub fn publish(&self) {
+        let p = self
+            .ring
+            .as_ptr()
+            .wrapping_add(14)
+            .cast::<std::sync::atomic::AtomicU16>();
+        // SAFETY: offset 14 of the page-aligned ring is 2-aligned and in
+        // bounds; the kernel reads the tail with acquire semantics, so it is
+        // accessed only atomically here.
+        let tail = unsafe { &*p };
+        tail.store(self.tail, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The first `len` bytes of buffer `bid` (what the kernel wrote).
+    #[inline]
+    pub fn buf(&mut self, bid: u16, len: usize) -> Option<&mut [u8]> {
+        self.bufs.slice_mut(usize::from(bid), len)
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; the ring that used it is dropped first
+        // (it is declared before us in `Queue`).
+        if let Err(e) = unsafe { munmap(self.ring.as_ptr().cast(), self.ring_len) } {
+            log::warn!("munmap of a buffer ring failed: {e}");
+        }
+    }
+}

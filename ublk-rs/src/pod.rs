@@ -69,3 +69,24 @@ pub(crate) fn union_u32(u: &ublk_sys::ublksrv_io_desc__bindgen_ty_1) -> u32 {
     // read is of an initialised `u32`.
     unsafe { u.nr_sectors }
 }
+
+/// An SQE's 64 bytes, as the kernel reads `struct io_uring_sqe`.
+pub(crate) type SqeBytes = [u8; 64];
+
+static_assertions::assert_eq_size!(io_uring::squeue::Entry, SqeBytes);
+
+/// Rewrites fields of `entry` that `io_uring::opcode` cannot set (a
+/// uring_cmd's `len`, `uring_cmd_flags` and `buf_group`).
+#[inline]
+pub(crate) fn patch_sqe(
+    entry: io_uring::squeue::Entry,
+    f: impl FnOnce(&mut SqeBytes),
+) -> io_uring::squeue::Entry {
+    // SAFETY: `Entry` is a `repr(C)` wrapper of `struct io_uring_sqe`, 64
+    // bytes (asserted above) of integers and unions of integers: every byte
+    // is initialised and every byte pattern is a valid value.
+    let mut bytes: SqeBytes = unsafe { core::mem::transmute(entry) };
+    f(&mut bytes);
+    // SAFETY: as above, any 64 bytes are a valid `Entry`.
+    unsafe { core::mem::transmute::<SqeBytes, io_uring::squeue::Entry>(bytes) }
+}

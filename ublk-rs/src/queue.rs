@@ -9,7 +9,7 @@ use io_uring::squeue::{Entry, Flags as SqeFlags};
 use io_uring::{cqueue, squeue, types, IoUring, SubmissionQueue, Submitter};
 
 use crate::cmd::{self, AutoBufReg, Encoding};
-use crate::mem::{DescArray, IoBuffers};
+use crate::mem::{BufRing, DescArray, IoBuffers};
 use crate::target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
 use crate::{Error, Features, Result};
 
@@ -98,6 +98,8 @@ pub struct QueueConfig {
     pub mode: CopyMode,
     /// Opcode encoding.
     pub encoding: Encoding,
+    /// Batch I/O (`UBLK_F_BATCH_IO`): one multishot fetch and bulk commits.
+    pub batch: bool,
 }
 
 // user_data: bits 0–15 tag, 16–23 kind, 32–63 target data.
@@ -105,6 +107,14 @@ const KIND_CMD: u64 = 0;
 const KIND_TARGET: u64 = 1;
 const KIND_REG: u64 = 2;
 const KIND_UNREG: u64 = 3;
+const KIND_FETCH: u64 = 4;
+const KIND_COMMIT: u64 = 5;
+const KIND_PREP: u64 = 6;
+
+/// The provided-buffer group of a queue's batch fetch.
+const FETCH_BUF_GROUP: u16 = 0;
+/// Buffers in a queue's fetch ring.
+const FETCH_BUFS: u16 = 8;
 
 #[inline]
 const fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
@@ -187,6 +197,41 @@ pub struct QueueStats {
     pub errors: u64,
 }
 
+/// Batch I/O state of a queue.
+#[derive(Debug)]
+struct Batch {
+    fetch_ring: BufRing,
+    flags: u16,
+    elem_bytes: usize,
+    /// Elements of finished requests, committed at the next flush.
+    pending: Vec<u8>,
+    /// Commit buffers in flight, by the id in their user data.
+    in_flight: Vec<Vec<u8>>,
+    /// Ids of free slots in `in_flight`.
+    free: Vec<u32>,
+    /// Commits (and the prep) in flight.
+    cmds: usize,
+    /// Tags of the fetch CQE being handled.
+    tags: Vec<u16>,
+    /// The device is going away: do not rearm the fetch.
+    stopping: bool,
+}
+
+impl Batch {
+    fn push_elem(&mut self, tag: u16, result: i32, buf_addr: Option<*mut u8>) {
+        let mut hdr = [0u8; 8];
+        hdr[0..2].copy_from_slice(&tag.to_ne_bytes());
+        hdr[2..4].copy_from_slice(&tag.to_ne_bytes()); // buf_index (auto registration)
+        hdr[4..8].copy_from_slice(&result.to_ne_bytes());
+        self.pending.extend_from_slice(&hdr);
+        if self.flags as u32 & ublk_sys::UBLK_BATCH_F_HAS_BUF_ADDR != 0 {
+            self.pending.extend_from_slice(
+                &(buf_addr.unwrap_or(std::ptr::null_mut()) as u64).to_ne_bytes(),
+            );
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct TagState {
     desc: Option<IoDesc>,
@@ -198,7 +243,10 @@ struct TagState {
 pub struct Queue<'fd> {
     cfg: QueueConfig,
     cdev: BorrowedFd<'fd>,
+    // Declared before the memory it uses (buffer ring, buffers), so the
+    // ring is closed first.
     ring: IoUring<squeue::Entry, cqueue::Entry>,
+    batch: Option<Batch>,
     descs: DescArray,
     bufs: Option<IoBuffers>,
     tags: Vec<TagState>,
@@ -267,10 +315,52 @@ impl<'fd> Queue<'fd> {
             .has_buffers()
             .then(|| IoBuffers::new(usize::from(cfg.depth), cfg.max_io_bytes as usize))
             .transpose()?;
+        let batch = if cfg.batch {
+            if cfg.mode == CopyMode::NeedGetData {
+                return Err(Error::Invalid(
+                    "batch I/O does not support NEED_GET_DATA".into(),
+                ));
+            }
+            let mut flags = 0u16;
+            if matches!(cfg.mode, CopyMode::Copy) {
+                flags |= ublk_sys::UBLK_BATCH_F_HAS_BUF_ADDR as u16;
+            }
+            if matches!(cfg.mode, CopyMode::AutoBufReg { fallback: true }) {
+                flags |= ublk_sys::UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK as u16;
+            }
+            let elem_bytes = usize::from(cmd::batch_elem_bytes(flags));
+            let fetch_ring = BufRing::new(FETCH_BUFS, usize::from(cfg.depth) * size_of::<u16>())?;
+            // SAFETY: the ring memory lives in the queue's `batch`, dropped
+            // after `ring` (field order), so it outlives the registration.
+            unsafe {
+                ring.submitter().register_buf_ring_with_flags(
+                    fetch_ring.ring_addr(),
+                    fetch_ring.entries(),
+                    FETCH_BUF_GROUP,
+                    0,
+                )
+            }
+            .map_err(Error::io("registering the batch fetch buffer ring"))?;
+            let cap = usize::from(cfg.depth) * elem_bytes;
+            Some(Batch {
+                fetch_ring,
+                flags,
+                elem_bytes,
+                pending: Vec::with_capacity(cap),
+                in_flight: Vec::new(),
+                free: Vec::new(),
+                cmds: 0,
+                tags: Vec::with_capacity(usize::from(cfg.depth)),
+                stopping: false,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             cdev,
             ring,
+            batch,
             descs,
             bufs,
             tags: vec![TagState::default(); usize::from(cfg.depth)],
@@ -332,6 +422,9 @@ impl<'fd> Queue<'fd> {
     /// Submits FETCH_REQ for every tag. Fails if the kernel refuses any at
     /// once (so the caller never sends START_DEV to a queue that cannot serve).
     pub fn fetch_all(&mut self) -> Result<()> {
+        if self.batch.is_some() {
+            return self.batch_start();
+        }
         for tag in 0..self.cfg.depth {
             let e = self.fetch_entry(tag);
             let (submitter, mut sq, _) = self.ring.split();
@@ -366,11 +459,189 @@ impl<'fd> Queue<'fd> {
         }
     }
 
+    /// Batch mode: PREP_IO_CMDS for every tag (waited for: it completes at
+    /// once), then one multishot FETCH_IO_CMDS.
+    fn batch_start(&mut self) -> Result<()> {
+        let depth = self.cfg.depth;
+        let addrs: Vec<Option<*mut u8>> = (0..depth).map(|t| self.buf_addr(t)).collect();
+        let Some(b) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        for (tag, addr) in (0..depth).zip(addrs) {
+            b.push_elem(tag, 0, addr);
+        }
+        let prep = std::mem::take(&mut b.pending);
+        let e =
+            cmd::PrepIoCmds::new(CDEV_FIXED, self.cfg.q_id, b.flags, depth, prep.as_ptr()).build();
+        // SAFETY: `prep` lives until after the wait below, which returns
+        // this command's completion (nothing else is in flight).
+        unsafe { self.with_submit(|sub| sub.push_kind(KIND_PREP, 0, 0, e)) }
+            .map_err(Error::io("queueing PREP_IO_CMDS"))?;
+        self.ring
+            .submit_and_wait(1)
+            .map_err(Error::io("submitting PREP_IO_CMDS"))?;
+        let res = self
+            .ring
+            .completion()
+            .next()
+            .map_or(-libc::EPROTO, |c| c.result());
+        if let Some(b) = self.batch.as_mut() {
+            b.pending = prep;
+            b.pending.clear();
+        }
+        if res < 0 {
+            return Err(Error::Command {
+                cmd: "UBLK_U_IO_PREP_IO_CMDS",
+                dev_id: Some(self.cfg.dev_id),
+                errno: -res,
+            });
+        }
+        self.arm_fetch();
+        self.ring
+            .submit()
+            .map_err(Error::io("submitting FETCH_IO_CMDS"))?;
+        match self.ring.completion().next() {
+            Some(c) => Err(Error::Command {
+                cmd: "UBLK_U_IO_FETCH_IO_CMDS",
+                dev_id: Some(self.cfg.dev_id),
+                errno: if c.result() < 0 {
+                    -c.result()
+                } else {
+                    libc::EPROTO
+                },
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn arm_fetch(&mut self) {
+        let e = cmd::FetchIoCmds::new(CDEV_FIXED, self.cfg.q_id, FETCH_BUF_GROUP).build();
+        self.push_own(KIND_FETCH, 0, e);
+    }
+
+    /// Batch mode: commits everything finished since the last flush in one
+    /// COMMIT_IO_CMDS.
+    fn flush_commits(&mut self) {
+        let Some(b) = self.batch.as_mut() else { return };
+        if b.pending.is_empty() {
+            return;
+        }
+        let id = match b.free.pop() {
+            Some(id) => id,
+            None => {
+                b.in_flight.push(Vec::with_capacity(b.pending.capacity()));
+                (b.in_flight.len() - 1) as u32
+            }
+        };
+        let slot = &mut b.in_flight[id as usize];
+        std::mem::swap(slot, &mut b.pending);
+        let nr = (slot.len() / b.elem_bytes) as u16;
+        let e =
+            cmd::CommitIoCmds::new(CDEV_FIXED, self.cfg.q_id, b.flags, nr, slot.as_ptr()).build();
+        b.cmds += 1;
+        // SAFETY: the elements stay in `in_flight[id]` until this command's
+        // CQE returns the slot to `free`.
+        let r = self.with_submit(|sub| unsafe { sub.push_kind(KIND_COMMIT, 0, id, e) });
+        if let Err(e) = r {
+            log::error!("queue {}: cannot queue COMMIT_IO_CMDS: {e}", self.cfg.q_id);
+            if let Some(b) = self.batch.as_mut() {
+                b.cmds -= 1;
+                b.in_flight[id as usize].clear();
+                b.free.push(id);
+            }
+        }
+    }
+
+    fn on_fetch_cqe<T: Target + ?Sized>(&mut self, target: &mut T, res: i32, flags: u32) {
+        let Some(b) = self.batch.as_mut() else { return };
+        b.tags.clear();
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            let n = usize::try_from(res).unwrap_or(0) / size_of::<u16>();
+            if let Some(buf) = b.fetch_ring.buf(bid, n * size_of::<u16>()) {
+                b.tags.extend(
+                    buf.chunks_exact(2)
+                        .map(|c| u16::from_ne_bytes([c[0], c[1]])),
+                );
+            }
+            b.fetch_ring.provide(bid);
+            b.fetch_ring.publish();
+        }
+        let more = cqueue::more(flags);
+        if !more {
+            self.cmd_inflight -= 1;
+        }
+        let tags = self
+            .batch
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.tags))
+            .unwrap_or_default();
+        for &tag in &tags {
+            self.dispatch(target, tag);
+        }
+        if let Some(b) = self.batch.as_mut() {
+            b.tags = tags;
+            if !more {
+                if res >= 0 || res == -libc::ENOBUFS {
+                    if !b.stopping {
+                        self.arm_fetch();
+                    }
+                } else {
+                    b.stopping = true;
+                    if res != ublk_sys::UBLK_IO_RES_ABORT {
+                        log::error!(
+                            "queue {}: FETCH_IO_CMDS failed: {}",
+                            self.cfg.q_id,
+                            io::Error::from_raw_os_error(-res)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_commit_cqe(&mut self, id: u32, res: i32) {
+        let q_id = self.cfg.q_id;
+        let Some(b) = self.batch.as_mut() else { return };
+        b.cmds -= 1;
+        let Some(slot) = b.in_flight.get_mut(id as usize) else {
+            return;
+        };
+        let total = slot.len();
+        if res < 0 {
+            if res != ublk_sys::UBLK_IO_RES_ABORT && !b.stopping {
+                log::error!(
+                    "queue {q_id}: COMMIT_IO_CMDS failed: {}",
+                    io::Error::from_raw_os_error(-res)
+                );
+            }
+        } else if (res as usize) < total {
+            // The element at `res` was refused; those after it were not
+            // looked at and are committed again.
+            let bad = res as usize;
+            let tag = u16::from_ne_bytes([slot[bad], slot[bad + 1]]);
+            log::error!("queue {q_id}: kernel refused the commit of tag {tag}");
+            let rest = bad + b.elem_bytes;
+            if rest < total {
+                b.pending.extend_from_slice(&slot[rest..]);
+            }
+        }
+        slot.clear();
+        b.free.push(id);
+    }
+
     /// Serves requests with `target` until the device stops (every command
     /// is answered with `UBLK_IO_RES_ABORT`) or the kernel refuses them all.
     pub fn run<T: Target + ?Sized>(mut self, target: &mut T) -> Result<QueueStats> {
-        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(usize::from(self.cfg.depth) * 8);
-        while self.cmd_inflight + self.target_inflight > 0 {
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(usize::from(self.cfg.depth) * 8);
+        loop {
+            self.flush_commits();
+            let batch_busy = self
+                .batch
+                .as_ref()
+                .is_some_and(|b| b.cmds > 0 || !b.pending.is_empty());
+            if self.cmd_inflight + self.target_inflight == 0 && !batch_busy {
+                break;
+            }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e)
@@ -381,15 +652,19 @@ impl<'fd> Queue<'fd> {
                 Err(e) => return Err(Error::io("waiting for queue completions")(e)),
             }
             cqes.clear();
-            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-            for &(ud, res) in &cqes {
-                self.on_cqe(target, ud, res);
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(ud, res, flags) in &cqes {
+                self.on_cqe(target, ud, res, flags);
             }
         }
         Ok(self.stats)
     }
 
-    fn on_cqe<T: Target + ?Sized>(&mut self, target: &mut T, ud: u64, res: i32) {
+    fn on_cqe<T: Target + ?Sized>(&mut self, target: &mut T, ud: u64, res: i32, flags: u32) {
         let tag = ud as u16;
         let data = (ud >> 32) as u32;
         match (ud >> 16) & 0xff {
@@ -413,6 +688,8 @@ impl<'fd> Queue<'fd> {
                     self.finish(tag, r);
                 }
             }
+            KIND_FETCH => self.on_fetch_cqe(target, res, flags),
+            KIND_COMMIT => self.on_commit_cqe(data, res),
             KIND_REG | KIND_UNREG => {
                 self.target_inflight -= 1;
                 if res < 0 {
@@ -446,7 +723,7 @@ impl<'fd> Queue<'fd> {
         // every command (`run` returns only when none is in flight).
         let r = self.with_submit(|sub| unsafe { sub.push_kind(kind, tag, 0, e) });
         match r {
-            Ok(()) if kind == KIND_CMD => self.cmd_inflight += 1,
+            Ok(()) if kind == KIND_CMD || kind == KIND_FETCH => self.cmd_inflight += 1,
             Ok(()) => self.target_inflight += 1,
             // Only a dead ring fails here; the loop then ends with the
             // commands that are still counted.
@@ -609,6 +886,13 @@ impl<'fd> Queue<'fd> {
         }
         self.stats.requests += 1;
         self.stats.errors += u64::from(res < 0);
+        if self.batch.is_some() {
+            let addr = self.buf_addr(tag);
+            if let Some(b) = self.batch.as_mut() {
+                b.push_elem(tag, res, addr);
+            }
+            return;
+        }
         let e = self.commit_entry(tag, res);
         self.push_own(KIND_CMD, tag, e);
     }

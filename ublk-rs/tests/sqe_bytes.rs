@@ -656,3 +656,64 @@ fn from_io_uring_file_types() {
     assert_eq!(FileRef::from(types::Fd(9)), FileRef::Fd(9));
     assert_eq!(FileRef::from(types::Fixed(2)), FileRef::Fixed(2));
 }
+
+/// Batch commands: `ublk_batch_io` (q_id 0, flags 2, nr_elem 4, elem_bytes 6)
+/// in the command area, the element buffer in `addr`/`len`; the multishot
+/// fetch also sets `IOSQE_BUFFER_SELECT`, `uring_cmd_flags` =
+/// `IORING_URING_CMD_MULTISHOT` and `buf_group` (offset 40).
+#[test]
+fn batch_commands_match_the_kernel_layout() {
+    use ublk::cmd::{batch_elem_bytes, CommitIoCmds, FetchIoCmds, PrepIoCmds};
+    const OFF_LEN: usize = 24;
+    const OFF_URING_CMD_FLAGS: usize = 28;
+    const OFF_BUF_GROUP: usize = 40;
+    const IOSQE_BUFFER_SELECT: u8 = 1 << 5;
+    let has_addr = ublk::sys::UBLK_BATCH_F_HAS_BUF_ADDR as u16;
+    assert_eq!((batch_elem_bytes(0), batch_elem_bytes(has_addr)), (8, 16));
+    assert_eq!(
+        batch_elem_bytes(has_addr | ublk::sys::UBLK_BATCH_F_HAS_ZONE_LBA as u16),
+        24
+    );
+    let batch_io = |q_id: u16, flags: u16, nr: u16, elem: u8| {
+        let mut c = [0u8; 16];
+        put(&mut c, 0, &q_id.to_ne_bytes());
+        put(&mut c, 2, &flags.to_ne_bytes());
+        put(&mut c, 4, &nr.to_ne_bytes());
+        c[6] = elem;
+        c
+    };
+    for fd in FDS {
+        for (nr, code, e) in [
+            (
+                0x25,
+                PrepIoCmds::CODE,
+                PrepIoCmds::new(fd, 3, has_addr, 5, BUF as *const u8).build(),
+            ),
+            (
+                0x26,
+                CommitIoCmds::CODE,
+                CommitIoCmds::new(fd, 3, has_addr, 5, BUF as *const u8).build(),
+            ),
+        ] {
+            assert_eq!(code, ioc(IOWR, nr, 16));
+            let mut want = [0u8; 64];
+            sqe_header(&mut want, fd, code, BUF);
+            put(&mut want, OFF_LEN, &(5u32 * 16).to_ne_bytes());
+            put(&mut want, OFF_CMD, &batch_io(3, has_addr, 5, 16));
+            assert_same(
+                &format!("batch {nr:#x} on {fd:?}"),
+                &entry_bytes(&e.user_data(USER_DATA)),
+                &want,
+            );
+        }
+        let e = FetchIoCmds::new(fd, 2, 7).build().user_data(USER_DATA);
+        assert_eq!(FetchIoCmds::CODE, ioc(IOWR, 0x27, 16));
+        let mut want = [0u8; 64];
+        sqe_header(&mut want, fd, FetchIoCmds::CODE, 0);
+        want[OFF_FLAGS] |= IOSQE_BUFFER_SELECT;
+        put(&mut want, OFF_URING_CMD_FLAGS, &2u32.to_ne_bytes());
+        put(&mut want, OFF_BUF_GROUP, &7u16.to_ne_bytes());
+        put(&mut want, OFF_CMD, &batch_io(2, 0, 0, 2));
+        assert_same(&format!("FETCH_IO_CMDS on {fd:?}"), &entry_bytes(&e), &want);
+    }
+}

@@ -196,6 +196,9 @@ fn fio_verify_in_every_copy_mode() {
         (&["--auto_zc"], "UBLK_F_AUTO_BUF_REG"),
         (&["-g"], "UBLK_F_NEED_GET_DATA"),
         (&["-q", "2"], ""),
+        (&["-b"], "UBLK_F_BATCH_IO"),
+        (&["-b", "--auto_zc", "-q", "2"], "UBLK_F_BATCH_IO"),
+        (&["-b", "-u"], "UBLK_F_BATCH_IO"),
     ];
     for (opts, feature) in modes {
         if !feature.is_empty() && !has_feature(feature) {

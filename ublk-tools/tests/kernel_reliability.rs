@@ -1,0 +1,923 @@
+//! Reliability of the `ublk` command against the real driver: killing the
+//! server under load and recovering it (REISSUE, plain, FAIL_IO, quiesce),
+//! unprivileged devices and other users, deleting or killing under fio,
+//! signals, add/del cycles, and a backing file that runs out of space.
+//! Run in the guest by `cargo xtask test`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const UBLK: &str = env!("CARGO_BIN_EXE_ublk");
+const USER: u32 = 1000;
+const OTHER: u32 = 1001;
+
+fn ublk(args: &[&str]) -> Output {
+    Command::new(UBLK).args(args).output().expect("run ublk")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = ublk(args);
+    assert!(
+        o.status.success(),
+        "ublk {args:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Expects `o` to have failed with one stderr line containing `needle`.
+fn expect_fail(what: &str, o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{what} succeeded");
+    assert!(
+        err.contains(needle),
+        "{what}: {err:?} does not mention {needle:?}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+}
+
+fn fails(args: &[&str], needle: &str) {
+    expect_fail(&format!("ublk {args:?}"), &ublk(args), needle);
+}
+
+fn sh_out(cmd: &str) -> Output {
+    Command::new("sh").args(["-c", cmd]).output().expect("sh")
+}
+
+fn sh(cmd: &str) -> String {
+    let o = sh_out(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn spawn_sh(cmd: &str) -> Child {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sh")
+}
+
+/// Waits at most `secs` for `child`; kills it and panics on a timeout.
+fn wait_child(what: &str, child: &mut Child, secs: u64) -> (bool, String) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            if let Some(mut o) = child.stdout.take() {
+                let _ = o.read_to_string(&mut out);
+            }
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut out);
+            }
+            return (st.success(), out);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ublk_nodes() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/dev")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("ublkb") || n.starts_with("ublkc"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn state_files() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/run/ublk")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Pids of `ublk __daemon` processes.
+fn daemons() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = stat.rsplit(')').next()?.trim_start().starts_with('Z');
+            (!zombie && cmd.split(|&b| b == 0).any(|a| a == b"__daemon")).then_some(pid)
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn scratch() -> PathBuf {
+    let dir = PathBuf::from(format!("/tmp/ublk-rel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A scratch file under /tmp (ext4 on a virtio disk in the guest).
+fn image(name: &str, size: &str) -> PathBuf {
+    let p = scratch().join(name);
+    sh(&format!("rm -f {0} && truncate -s {size} {0}", p.display()));
+    p
+}
+
+fn first_id(list_out: &str) -> u32 {
+    list_out
+        .lines()
+        .find_map(|l| l.strip_prefix("dev id ")?.split(':').next()?.parse().ok())
+        .expect("dev id line")
+}
+
+fn json(id: u32) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["list", "-n", &id.to_string(), "--json"]))
+        .expect("list --json");
+    v[0].clone()
+}
+
+fn dev_state(id: u32) -> String {
+    json(id)["state"].as_str().unwrap_or_default().to_owned()
+}
+
+fn daemon_pid(id: u32) -> i32 {
+    json(id)["daemon_pid"].as_i64().unwrap() as i32
+}
+
+fn wait_state(id: u32, want: &str, secs: u64) {
+    let mut last = String::new();
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        last = dev_state(id);
+        if last == want {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "device {id}: state {last}, wanted {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill(pid: i32, sig: &str) {
+    sh(&format!("kill -{sig} {pid}"));
+}
+
+/// Kills the device's daemon with SIGKILL and waits until it is gone.
+fn kill9(id: u32) {
+    let pid = daemon_pid(id);
+    assert!(pid > 0, "device {id} has no daemon");
+    kill(pid, "KILL");
+    wait_until("the killed daemon to go", 20, || {
+        !daemons().contains(&pid)
+    });
+}
+
+fn recover(id: u32) -> Duration {
+    let t = Instant::now();
+    ok(&["recover", "-n", &id.to_string(), "--quiet"]);
+    let d = t.elapsed();
+    assert_eq!(dev_state(id), "LIVE");
+    d
+}
+
+/// A small pseudo-random number (no dependency): from the clock.
+fn jitter_ms(lo: u64, hi: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    lo + (n.wrapping_mul(6364136223846793005) >> 33) % (hi - lo + 1)
+}
+
+/// fio's terse v3 output: (total errors, read bytes + write bytes).
+fn fio_terse(out: &str) -> Option<(u64, u64)> {
+    let line = out.lines().find(|l| l.starts_with("3;"))?;
+    let f: Vec<&str> = line.split(';').collect();
+    let err: u64 = f.get(4)?.parse().ok()?;
+    let rkb: u64 = f.get(6)?.parse().ok()?;
+    let wkb: u64 = f.get(47)?.parse().ok()?;
+    Some((err, rkb + wkb))
+}
+
+/// Deletes every ublk device when a test ends, passed or failed.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .args(["-c", "umount /tmp/mnt-rel-* 2>/dev/null; true"])
+            .status();
+        let _ = ublk(&["del", "-a"]);
+    }
+}
+
+fn guest_kernel() -> String {
+    std::env::var("UBLK_RIG_KERNEL").unwrap_or_default()
+}
+
+fn has_feature(name: &str) -> bool {
+    ok(&["features"]).lines().any(|l| l.trim() == name)
+}
+
+fn skip(test: &str, feature: &str) -> bool {
+    if has_feature(feature) {
+        return false;
+    }
+    println!(
+        "note: skipping {test} on {}: the kernel lacks {feature}",
+        guest_kernel()
+    );
+    true
+}
+
+fn fio_verify_cmd(dev: &str, extra: &str) -> String {
+    format!(
+        "fio --name=v --filename={dev} --direct=1 --ioengine=io_uring --rw=randwrite --bs=8k \
+         --iodepth=32 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 {extra} \
+         --output-format=terse --terse-version=3"
+    )
+}
+
+/// Kills (`quiesce` = false) or quiesces the server `rounds` times while a
+/// verifying fio runs, recovering each time; fio must see no error.
+fn disrupt_under_fio(id: u32, rounds: usize, quiesce: bool) {
+    let dev = format!("/dev/ublkb{id}");
+    let mut fio = spawn_sh(&fio_verify_cmd(&dev, ""));
+    let t0 = Instant::now();
+    let mut recoveries = Vec::new();
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(jitter_ms(300, 1500)));
+        assert!(
+            fio.try_wait().unwrap().is_none(),
+            "fio ended before round {round}"
+        );
+        if quiesce {
+            let pid = daemon_pid(id);
+            ok(&["quiesce", "-n", &id.to_string()]);
+            assert_eq!(dev_state(id), "QUIESCED");
+            wait_until("the quiesced daemon to exit", 20, || {
+                !daemons().contains(&pid)
+            });
+        } else {
+            kill9(id);
+            wait_state(id, "QUIESCED", 20);
+        }
+        recoveries.push(recover(id));
+    }
+    let (ok_, out) = wait_child("fio", &mut fio, 300);
+    println!(
+        "{rounds} {} and recoveries (each {:?}) in {:?}",
+        if quiesce { "quiesces" } else { "kills" },
+        recoveries,
+        t0.elapsed()
+    );
+    assert!(ok_, "fio failed: {out}");
+    let (errors, kb) = fio_terse(&out).expect("fio terse output");
+    assert_eq!(errors, 0, "{out}");
+    assert!(kb >= 2 * 64 << 10, "fio moved only {kb} KiB: {out}");
+    assert_eq!(dev_state(id), "LIVE");
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn a_reissue_survives_five_kills_under_fio_verify() {
+    let _cleanup = Cleanup;
+    let img = image("reissue.img", "64M");
+    let out = ok(&[
+        "add",
+        "-t",
+        "loop",
+        "-q",
+        "2",
+        "-r",
+        "1",
+        "-i",
+        "1",
+        img.to_str().unwrap(),
+    ]);
+    let id = first_id(&out);
+    disrupt_under_fio(id, 5, false);
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+    assert!(daemons().is_empty(), "daemons left: {:?}", daemons());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn b_plain_recovery_fails_inflight_io_and_keeps_flushed_data() {
+    let _cleanup = Cleanup;
+    let img = image("plain.img", "64M");
+    let id = first_id(&ok(&[
+        "add",
+        "-t",
+        "loop",
+        "-q",
+        "2",
+        "-r",
+        "1",
+        img.to_str().unwrap(),
+    ]));
+    let dev = format!("/dev/ublkb{id}");
+    let data = scratch().join("plain.data");
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=8 status=none",
+        data.display()
+    ));
+    sh(&format!(
+        "dd if={} of={dev} bs=1M oflag=direct conv=fsync status=none",
+        data.display()
+    ));
+    let want = sh(&format!("sha256sum < {}", data.display()));
+    // Writes to the other half keep requests in flight in the server.
+    let mut fio = spawn_sh(&format!(
+        "fio --name=w --filename={dev} --direct=1 --ioengine=io_uring --rw=randwrite --bs=8k \
+         --iodepth=32 --offset=32M --size=32M --time_based --runtime=60 \
+         --output-format=terse --terse-version=3"
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(fio.try_wait().unwrap().is_none(), "fio ended early");
+    kill9(id);
+    wait_state(id, "QUIESCED", 20);
+    recover(id);
+    let (fio_ok, out) = wait_child("fio after the kill", &mut fio, 90);
+    let errors = fio_terse(&out).map_or(1, |t| t.0);
+    assert!(
+        !fio_ok || errors > 0,
+        "in-flight requests did not fail: {out}"
+    );
+    println!("fio saw the kill: {}", out.lines().next().unwrap_or(""));
+    assert_eq!(
+        sh(&format!(
+            "dd if={dev} bs=1M count=8 iflag=direct status=none | sha256sum"
+        )),
+        want
+    );
+    // And the device works again.
+    sh(&format!(
+        "dd if=/dev/urandom of={dev} bs=64k count=16 seek=200 oflag=direct status=none"
+    ));
+    assert_eq!(dev_state(id), "LIVE");
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn c_fail_io_fails_at_once_without_a_server() {
+    let _cleanup = Cleanup;
+    if !has_feature("UBLK_F_USER_RECOVERY_FAIL_IO") {
+        fails(
+            &["add", "-t", "null", "-r", "1", "-e", "1"],
+            "UBLK_F_USER_RECOVERY_FAIL_IO",
+        );
+        skip("the FAIL_IO test", "UBLK_F_USER_RECOVERY_FAIL_IO");
+        return;
+    }
+    let img = image("failio.img", "64M");
+    let id = first_id(&ok(&[
+        "add",
+        "-t",
+        "loop",
+        "-r",
+        "1",
+        "-e",
+        "1",
+        img.to_str().unwrap(),
+    ]));
+    let dev = format!("/dev/ublkb{id}");
+    sh(&format!(
+        "dd if=/dev/urandom of={dev} bs=1M count=4 oflag=direct conv=fsync status=none"
+    ));
+    let want = sh(&format!(
+        "dd if={dev} bs=1M count=4 iflag=direct status=none | sha256sum"
+    ));
+    kill9(id);
+    wait_state(id, "FAIL_IO", 20);
+    for cmd in [
+        format!("dd if={dev} of=/dev/null bs=4k count=1 iflag=direct status=none"),
+        format!("dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct status=none"),
+    ] {
+        let t = Instant::now();
+        let o = sh_out(&format!("timeout 15 {cmd}"));
+        let took = t.elapsed();
+        assert!(!o.status.success(), "{cmd} succeeded without a server");
+        assert_ne!(o.status.code(), Some(124), "{cmd} hung");
+        assert!(took < Duration::from_secs(5), "{cmd} took {took:?}");
+    }
+    assert_eq!(dev_state(id), "FAIL_IO");
+    recover(id);
+    assert_eq!(
+        sh(&format!(
+            "dd if={dev} bs=1M count=4 iflag=direct status=none | sha256sum"
+        )),
+        want
+    );
+    sh(&format!(
+        "dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct status=none"
+    ));
+    ok(&["del", "-n", &id.to_string()]);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn d_quiesce_and_recover_under_fio_verify() {
+    let _cleanup = Cleanup;
+    if !has_feature("UBLK_F_QUIESCE") {
+        let id = first_id(&ok(&["add", "-t", "null", "-r", "1"]));
+        fails(&["quiesce", "-n", &id.to_string()], "UBLK_F_QUIESCE");
+        ok(&["del", "-n", &id.to_string()]);
+        skip("the quiesce test", "UBLK_F_QUIESCE");
+        return;
+    }
+    let img = image("quiesce.img", "64M");
+    let id = first_id(&ok(&[
+        "add",
+        "-t",
+        "loop",
+        "-q",
+        "2",
+        "-r",
+        "1",
+        img.to_str().unwrap(),
+    ]));
+    disrupt_under_fio(id, 2, true);
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+/// Runs `ublk args` as `uid` (no passwd entry needed, no capabilities).
+fn ublk_as(uid: u32, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            UBLK,
+        ])
+        .args(args)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("UBLK_STATE_DIR")
+        .output()
+        .expect("setpriv")
+}
+
+fn sh_as(uid: u32, cmd: &str) -> Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .expect("setpriv")
+}
+
+fn ok_as(uid: u32, args: &[&str]) -> String {
+    let o = ublk_as(uid, args);
+    assert!(
+        o.status.success(),
+        "uid {uid}: ublk {args:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// What udev does with the rule the kernel documentation gives for
+/// unprivileged devices: hands /dev/ublkcN and /dev/ublkbN to the
+/// device's owner (here: always `USER`). Stops when dropped.
+struct FakeUdev(Child);
+
+impl FakeUdev {
+    fn start() -> Self {
+        Self(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    &format!(
+                        "while :; do for f in /dev/ublkc* /dev/ublkb*; do \
+                         [ -e \"$f\" ] && chown {USER}:{USER} \"$f\" 2>/dev/null; done; \
+                         sleep 0.05; done"
+                    ),
+                ])
+                .spawn()
+                .expect("spawn the udev stand-in"),
+        )
+    }
+}
+
+impl Drop for FakeUdev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn e_unprivileged_device_for_its_owner_only() {
+    let _cleanup = Cleanup;
+    if skip("the unprivileged test", "UBLK_F_UNPRIVILEGED_DEV") {
+        return;
+    }
+    let mode = sh("stat -c %a /dev/ublk-control");
+    sh("chmod 666 /dev/ublk-control");
+    let _udev = FakeUdev::start();
+    let img = image("unpriv.img", "64M");
+    sh(&format!("chown {USER}:{USER} {}", img.display()));
+    let user_dir = PathBuf::from(format!("/tmp/ublk-{USER}"));
+
+    // The kernel forbids zero copy and recovery for unprivileged devices.
+    for (opt, needle) in [
+        ("-z", "the kernel forbids it"),
+        ("--auto_zc", "the kernel forbids it"),
+        ("-u", "the kernel forbids it"),
+    ] {
+        expect_fail(
+            &format!("unprivileged add {opt}"),
+            &ublk_as(USER, &["add", "-t", "null", "--unprivileged", opt]),
+            needle,
+        );
+    }
+    expect_fail(
+        "unprivileged add -r 1",
+        &ublk_as(USER, &["add", "-t", "null", "--unprivileged", "-r", "1"]),
+        "the kernel forbids it",
+    );
+    // A non-root user cannot make a privileged device.
+    let o = ublk_as(USER, &["add", "-t", "null"]);
+    assert!(!o.status.success(), "unprivileged user added a privileged device");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim_end().lines().count(),
+        1,
+        "{o:?}"
+    );
+
+    let t = Instant::now();
+    let out = ok_as(
+        USER,
+        &["add", "-t", "loop", "--unprivileged", img.to_str().unwrap()],
+    );
+    println!("unprivileged add took {:?}", t.elapsed());
+    let id = first_id(&out);
+    let ids = id.to_string();
+    let dev = format!("/dev/ublkb{id}");
+    assert!(out.contains("state LIVE"), "{out}");
+    assert!(
+        user_dir.join(format!("ublk{id}.json")).exists(),
+        "no state file in {}",
+        user_dir.display()
+    );
+    let list = ok_as(USER, &["list"]);
+    assert!(list.contains(&format!("dev id {id}:")), "{list}");
+    assert!(
+        list.contains(&format!("target loop backing_file {}", img.display())),
+        "{list}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok_as(USER, &["list", "-n", &ids, "--json"])).unwrap();
+    assert_eq!(v[0]["state"], "LIVE");
+    assert_ne!(v[0]["flags"].as_u64().unwrap() & (1 << 5), 0, "{v}");
+    // Root sees it too.
+    assert!(ok(&["list"]).contains(&format!("dev id {id}:")));
+
+    // The owner does I/O.
+    let o = sh_as(
+        USER,
+        &format!(
+            "{} && dd if={dev} bs=1M count=8 iflag=direct status=none | sha256sum",
+            fio_verify_cmd(&dev, "--size=16M --io_size=8M --iodepth=8")
+                .replace("--output-format=terse --terse-version=3", "--output-format=terse")
+        ),
+    );
+    assert!(
+        o.status.success(),
+        "owner's fio: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Another user is refused everything, in one line.
+    let denied = "permission denied for device";
+    expect_fail(
+        "other user's list -n",
+        &ublk_as(OTHER, &["list", "-n", &ids]),
+        denied,
+    );
+    expect_fail("other user's del", &ublk_as(OTHER, &["del", "-n", &ids]), denied);
+    expect_fail(
+        "other user's recover",
+        &ublk_as(OTHER, &["recover", "-n", &ids]),
+        denied,
+    );
+    expect_fail(
+        "other user's stop",
+        &ublk_as(OTHER, &["stop", "-n", &ids]),
+        denied,
+    );
+    let o = ublk_as(OTHER, &["list"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains(&format!("dev id {id}:")),
+        "{o:?}"
+    );
+    for cmd in [
+        format!("dd if={dev} of=/dev/null bs=4k count=1 iflag=direct"),
+        format!("dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct"),
+    ] {
+        let o = sh_as(OTHER, &cmd);
+        assert!(!o.status.success(), "uid {OTHER}: {cmd} succeeded");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+            "{o:?}"
+        );
+    }
+    assert_eq!(dev_state(id), "LIVE");
+
+    // The owner deletes it; nothing is left.
+    ok_as(USER, &["del", "-n", &ids]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+    assert!(!user_dir.join(format!("ublk{id}.json")).exists());
+    wait_until("the daemon to exit", 10, || daemons().is_empty());
+    sh(&format!("chmod {} /dev/ublk-control", mode.trim()));
+}
+
+/// Runs fio against `dev` in the background (reads, so it cannot end early
+/// for lack of space), for at most 30 s.
+fn fio_load(dev: &str, engine: &str) -> Child {
+    spawn_sh(&format!(
+        "exec fio --name=l --filename={dev} --direct=1 --ioengine={engine} --rw=randrw --bs=4k \
+         --iodepth=256 --numjobs=2 --size=256M --time_based --runtime=30 --group_reporting \
+         --output-format=terse --terse-version=3"
+    ))
+}
+
+/// Disrupts (`how`) device `id` while fio runs; `del` must finish within
+/// 10 s, fio must end, and nothing may be left.
+fn disrupt_fio_then_del(args: &[&str], engine: &str, how: &str) {
+    let id = first_id(&ok(args));
+    let ids = id.to_string();
+    let dev = format!("/dev/ublkb{id}");
+    let mut fio = fio_load(&dev, engine);
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(fio.try_wait().unwrap().is_none(), "fio ended early");
+    match how {
+        "del" => {}
+        "kill" => kill9(id),
+        _ => unreachable!(),
+    }
+    let t = Instant::now();
+    let mut del = Command::new(UBLK)
+        .args(["del", "-n", &ids])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (del_ok, del_out) = wait_child("del", &mut del, 10);
+    let took = t.elapsed();
+    let (_, fio_out) = wait_child("fio after del", &mut fio, 10);
+    println!(
+        "{how} + del {args:?} under {engine} fio: del took {took:?}, fio: {}",
+        fio_out.lines().next().unwrap_or("").chars().take(80).collect::<String>()
+    );
+    // After a kill without recovery the kernel may delete nothing but
+    // stop the device itself; `del` still succeeds.
+    assert!(del_ok, "del failed: {del_out}");
+    wait_until("the device nodes to go", 10, || {
+        !Path::new(&dev).exists() && !Path::new(&format!("/dev/ublkc{id}")).exists()
+    });
+    assert!(!Path::new(&format!("/run/ublk/ublk{id}.json")).exists());
+    wait_until("no daemon left", 10, || daemons().is_empty());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn f_del_under_fio_completes_quickly() {
+    let _cleanup = Cleanup;
+    for engine in ["libaio", "io_uring"] {
+        disrupt_fio_then_del(&["add", "-t", "null", "-q", "2"], engine, "del");
+    }
+    let img = image("del.img", "256M");
+    disrupt_fio_then_del(
+        &["add", "-t", "loop", "-q", "2", img.to_str().unwrap()],
+        "io_uring",
+        "del",
+    );
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn g_kill_under_fio_then_del_with_and_without_recovery() {
+    let _cleanup = Cleanup;
+    for engine in ["libaio", "io_uring"] {
+        disrupt_fio_then_del(&["add", "-t", "null", "-q", "2"], engine, "kill");
+        disrupt_fio_then_del(
+            &["add", "-t", "null", "-q", "2", "-r", "1"],
+            engine,
+            "kill",
+        );
+    }
+    let img = image("kill.img", "256M");
+    disrupt_fio_then_del(
+        &["add", "-t", "loop", "-r", "1", "-i", "1", img.to_str().unwrap()],
+        "io_uring",
+        "kill",
+    );
+}
+
+fn log_text() -> String {
+    std::fs::read_to_string("/run/ublk/daemon.log").unwrap_or_default()
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn h_sigterm_and_sigint_stop_cleanly_or_leave_for_recovery() {
+    let _cleanup = Cleanup;
+    for sig in ["TERM", "INT"] {
+        let id = first_id(&ok(&["add", "-t", "null"]));
+        let pid = daemon_pid(id);
+        kill(pid, sig);
+        wait_until("the daemon to exit", 20, || !daemons().contains(&pid));
+        wait_until("the device nodes to go", 10, || {
+            !Path::new(&format!("/dev/ublkc{id}")).exists()
+        });
+        fails(
+            &["list", "-n", &id.to_string()],
+            &format!("device {id} does not exist"),
+        );
+        assert!(!Path::new(&format!("/run/ublk/ublk{id}.json")).exists());
+    }
+    // With recovery the device stays for `recover`, and the daemon says so.
+    let id = first_id(&ok(&["add", "-t", "null", "-r", "1"]));
+    let pid = daemon_pid(id);
+    kill(pid, "TERM");
+    wait_until("the daemon to exit", 20, || !daemons().contains(&pid));
+    wait_state(id, "QUIESCED", 10);
+    assert!(
+        log_text().contains(&format!("leaving device {id} for `ublk recover -n {id}`")),
+        "{}",
+        log_text()
+    );
+    recover(id);
+    sh(&format!(
+        "dd if=/dev/ublkb{id} of=/dev/null bs=4k count=16 iflag=direct status=none"
+    ));
+    // A second recover of a live device is refused.
+    let t = Instant::now();
+    fails(&["recover", "-n", &id.to_string()], "busy");
+    println!("recover of a live device refused after {:?}", t.elapsed());
+    assert_eq!(dev_state(id), "LIVE");
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("no daemon left", 10, || daemons().is_empty());
+}
+
+fn cycles(default: u32) -> u32 {
+    std::env::var("UBLK_STRESS_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn add_del_cycles(n: u32, args: &[&str]) {
+    let nodes = ublk_nodes();
+    let states = state_files();
+    let t = Instant::now();
+    for i in 0..n {
+        let o = ublk(args);
+        assert!(
+            o.status.success(),
+            "cycle {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let id = first_id(&String::from_utf8_lossy(&o.stdout));
+        ok(&["del", "-n", &id.to_string()]);
+    }
+    let took = t.elapsed();
+    println!(
+        "{n} add/del cycles of {args:?}: {took:?} ({:?} per cycle)",
+        took / n.max(1)
+    );
+    wait_until("no daemon left", 10, || daemons().is_empty());
+    wait_until("the nodes to be as before", 10, || ublk_nodes() == nodes);
+    assert_eq!(state_files(), states);
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn i_add_del_cycles_leave_nothing_behind() {
+    let _cleanup = Cleanup;
+    let n = cycles(100);
+    add_del_cycles(n, &["add", "-t", "null", "-q", "2"]);
+    let img = image("cycles.img", "64M");
+    add_del_cycles(
+        (n / 2).min(100),
+        &["add", "-t", "loop", img.to_str().unwrap()],
+    );
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn j_full_backing_file_reports_errors_and_keeps_serving() {
+    let _cleanup = Cleanup;
+    let mnt = "/tmp/mnt-rel-full";
+    sh(&format!(
+        "mkdir -p {mnt} && mount -t tmpfs -o size=16m tmpfs {mnt} && truncate -s 64M {mnt}/disk.img"
+    ));
+    let id = first_id(&ok(&["add", "-t", "loop", &format!("{mnt}/disk.img")]));
+    let dev = format!("/dev/ublkb{id}");
+    let pid = daemon_pid(id);
+    sh(&format!(
+        "dd if=/dev/urandom of={mnt}/../full.data bs=1M count=8 status=none"
+    ));
+    sh(&format!(
+        "dd if={mnt}/../full.data of={dev} bs=1M oflag=direct conv=fsync status=none"
+    ));
+    let want = sh(&format!("sha256sum < {mnt}/../full.data"));
+    // Past the tmpfs's 16 MiB the backing file cannot grow: errors.
+    for (what, cmd) in [
+        (
+            "direct",
+            format!("dd if=/dev/urandom of={dev} bs=1M count=32 seek=16 oflag=direct"),
+        ),
+        (
+            "buffered + fsync",
+            format!("dd if=/dev/urandom of={dev} bs=1M count=16 seek=40 conv=fsync"),
+        ),
+    ] {
+        let o = sh_out(&format!("timeout 60 {cmd}"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        println!("{what} write past the space: {}", err.lines().next().unwrap_or(""));
+        assert!(!o.status.success(), "{what}: dd reported success: {err}");
+        assert_ne!(o.status.code(), Some(124), "{what}: dd hung");
+    }
+    // The daemon keeps serving, and what was written is intact.
+    assert_eq!(daemon_pid(id), pid);
+    assert_eq!(dev_state(id), "LIVE");
+    assert_eq!(
+        sh(&format!(
+            "dd if={dev} bs=1M count=8 iflag=direct status=none | sha256sum"
+        )),
+        want
+    );
+    sh(&format!(
+        "dd if={dev} of=/dev/null bs=1M count=64 iflag=direct status=none"
+    ));
+    ok(&["del", "-n", &id.to_string()]);
+    sh(&format!("umount {mnt}"));
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn k_options_the_kernel_lacks_are_named_at_add() {
+    let _cleanup = Cleanup;
+    for (opts, feature) in [
+        (&["--auto_zc"][..], "UBLK_F_AUTO_BUF_REG"),
+        (&["-z"][..], "UBLK_F_SUPPORT_ZERO_COPY"),
+        (&["-r", "1", "-e", "1"][..], "UBLK_F_USER_RECOVERY_FAIL_IO"),
+    ] {
+        let mut args = vec!["add", "-t", "null"];
+        args.extend_from_slice(opts);
+        if has_feature(feature) {
+            let id = first_id(&ok(&args));
+            ok(&["del", "-n", &id.to_string()]);
+        } else {
+            println!("note: {} lacks {feature}", guest_kernel());
+            fails(&args, feature);
+        }
+    }
+    if guest_kernel() == "trixie" {
+        assert!(!has_feature("UBLK_F_QUIESCE"));
+    }
+    wait_until("no device left behind", 10, || ublk_nodes().is_empty());
+}
