@@ -483,6 +483,50 @@ impl Control {
             .map(drop)
     }
 
+    /// `REG_BUF`: registers `len` bytes of shared memory at `addr` for
+    /// shared-memory zero copy (`UBLK_F_SHMEM_ZC`); returns the buffer index
+    /// the kernel assigned. With `read_only` the pages are pinned without
+    /// write access (`UBLK_SHMEM_BUF_READ_ONLY`, e.g. for a write-sealed memfd).
+    ///
+    /// Requests whose pages lie in a registered buffer then arrive with
+    /// [`crate::IoFlags::SHMEM_ZC`] and the buffer index and offset in their
+    /// `addr`. Undo with [`Control::unreg_buf`].
+    ///
+    /// # Safety
+    /// `addr..addr + len` must be a page-aligned shared mapping (memfd,
+    /// hugetlbfs, a `MAP_SHARED` file) of this process that stays mapped
+    /// until the buffer is unregistered or the device deleted: the kernel
+    /// pins its pages and may read or write them for any request on the
+    /// device.
+    pub unsafe fn reg_buf(
+        &self,
+        dev: impl Into<DevRef>,
+        addr: *mut u8,
+        len: u64,
+        read_only: bool,
+    ) -> Result<u32> {
+        let dev = dev.into();
+        self.require(Features::SHMEM_ZC)?;
+        let mut reg = ublk_sys::ublk_shmem_buf_reg {
+            addr: addr as u64,
+            len,
+            flags: if read_only {
+                ublk_sys::UBLK_SHMEM_BUF_READ_ONLY
+            } else {
+                0
+            },
+            reserved: 0,
+        };
+        let ptr: *const ublk_sys::ublk_shmem_buf_reg = &reg;
+        let index = self.run(
+            cmd::RegBuf::new(dev.id, ptr),
+            Some(dev),
+            Some(reg.as_bytes_mut()),
+        )?;
+        // `run` maps negative results to errors.
+        Ok(index as u32)
+    }
+
     /// `UNREG_BUF` of shared buffer `index`.
     pub fn unreg_buf(&self, dev: impl Into<DevRef>, index: u32) -> Result<()> {
         let dev = dev.into();

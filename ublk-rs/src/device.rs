@@ -31,6 +31,7 @@ pub struct DeviceBuilder {
     max_io_bytes: u32,
     mode: CopyMode,
     flags: Features,
+    threads: u16,
 }
 
 impl Default for DeviceBuilder {
@@ -49,6 +50,7 @@ impl DeviceBuilder {
             max_io_bytes: DEFAULT_MAX_IO_BYTES,
             mode: CopyMode::Copy,
             flags: Features::empty(),
+            threads: 0,
         }
     }
     /// A specific device id (default: the next free one).
@@ -86,6 +88,18 @@ impl DeviceBuilder {
         };
         self
     }
+    /// Serve the device with `n` threads (0: one per queue). Any other
+    /// count than the number of queues spreads the (queue, tag) pairs over
+    /// the threads round-robin, as kublk's `--per_io_tasks` does, and needs
+    /// `UBLK_F_PER_IO_DAEMON` (Linux 6.16+).
+    pub const fn threads(mut self, n: u16) -> Self {
+        self.threads = n;
+        self
+    }
+    /// Whether the threads serve (queue, tag) pairs rather than whole queues.
+    const fn per_io(&self) -> bool {
+        self.threads != 0 && self.threads != self.queues
+    }
     /// Further `UBLK_F_*` flags (recovery, unprivileged, …).
     pub const fn flags(mut self, flags: Features) -> Self {
         self.flags = flags;
@@ -95,6 +109,9 @@ impl DeviceBuilder {
     /// The flags `ADD_DEV` will ask for on a kernel with `kernel` features.
     pub fn requested_flags(&self, kernel: Features) -> Features {
         let mut f = self.flags | self.mode.features();
+        if self.per_io() {
+            f |= Features::PER_IO_DAEMON;
+        }
         if kernel.contains(Features::CMD_IOCTL_ENCODE) {
             f |= Features::CMD_IOCTL_ENCODE;
         }
@@ -145,6 +162,20 @@ impl DeviceBuilder {
                 "recovery reissue, fail-I/O and quiesce need user recovery (-r 1)".into(),
             ));
         }
+        if self.per_io() && f.contains(Features::BATCH_IO) {
+            return Err(Error::Invalid(
+                "batch I/O (-b) serves whole queues: use as many threads as queues".into(),
+            ));
+        }
+        if u32::from(self.threads) > u32::from(self.queues) * u32::from(self.depth) {
+            return Err(Error::Invalid(format!(
+                "{} threads is more than the {} ios of {} queues of depth {}",
+                self.threads,
+                u32::from(self.queues) * u32::from(self.depth),
+                self.queues,
+                self.depth
+            )));
+        }
         if f.contains(Features::BATCH_IO | Features::NEED_GET_DATA) {
             return Err(Error::Invalid(
                 "batch I/O (-b) does not work with NEED_GET_DATA (-g)".into(),
@@ -184,6 +215,7 @@ impl DeviceBuilder {
             mode: self.mode,
             params: None,
             armed: true,
+            threads: if self.per_io() { self.threads } else { 0 },
         };
         dev.cdev = Some(open_char_dev(info.id())?);
         Ok(dev)
@@ -233,6 +265,8 @@ pub struct Device {
     mode: CopyMode,
     params: Option<Params>,
     armed: bool,
+    /// Serving threads when not one per queue (0: one per queue).
+    threads: u16,
 }
 
 /// How [`Device::run`] brings the device up.
@@ -277,6 +311,7 @@ impl Device {
             mode,
             params,
             armed: false,
+            threads: 0,
         })
     }
 
@@ -314,6 +349,21 @@ impl Device {
         }
         self.ctrl.set_params(self.info.dev_ref(), params)?;
         self.params = Some(*params);
+        Ok(())
+    }
+
+    /// Serve with `n` threads on the next [`Device::run`] (see
+    /// [`DeviceBuilder::threads`]); for a device being recovered.
+    pub fn set_threads(&mut self, n: u16) -> Result<()> {
+        if n != 0 && n != self.info.nr_queues() {
+            self.ctrl.require(Features::PER_IO_DAEMON)?;
+            if self.info.flags().contains(Features::BATCH_IO) {
+                return Err(Error::Invalid(
+                    "batch I/O serves whole queues: use as many threads as queues".into(),
+                ));
+            }
+        }
+        self.threads = if n == self.info.nr_queues() { 0 } else { n };
         Ok(())
     }
 
@@ -358,13 +408,23 @@ impl Device {
         let ctrl = &self.ctrl;
         let info = self.info;
         let mode = self.mode;
+        let threads = self.threads;
         let make_target = &make_target;
         let result = std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<Result<QueueInfo>>();
             let mut handles = Vec::with_capacity(usize::from(nr));
-            for q_id in 0..nr {
+            let workers = assign_ios(nr, info.queue_depth(), threads);
+            let nr_workers = workers.len();
+            for ios in workers {
                 let tx = tx.clone();
-                let affinity = ctrl.queue_affinity(dev, q_id).unwrap_or_default();
+                let q_id = ios.first().map_or(0, |&(q, _)| q);
+                let whole_queue = threads == 0;
+                // A worker of several queues' ios is left to the scheduler.
+                let affinity = if whole_queue {
+                    ctrl.queue_affinity(dev, q_id).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
                 let cfg = QueueConfig {
                     dev_id: info.id(),
                     q_id,
@@ -383,7 +443,7 @@ impl Device {
                         let setup = (|| -> Result<(T, Queue<'_>)> {
                             let target =
                                 make_target(q_id).map_err(Error::io("creating the target"))?;
-                            let mut q = Queue::new(cfg, cdev, &target.fixed_files())?;
+                            let mut q = Queue::with_ios(cfg, &ios, cdev, &target.fixed_files())?;
                             q.fetch_all()?;
                             Ok((target, q))
                         })();
@@ -409,9 +469,9 @@ impl Device {
                 handles.push(h);
             }
             drop(tx);
-            let mut queues = Vec::with_capacity(usize::from(nr));
+            let mut queues = Vec::with_capacity(nr_workers);
             let mut failure = None;
-            for r in rx.iter().take(usize::from(nr)) {
+            for r in rx.iter().take(nr_workers) {
                 match r {
                     Ok(q) => queues.push(q),
                     Err(e) => {
@@ -452,6 +512,32 @@ impl Device {
     }
 }
 
+/// The (queue, tag) pairs each serving thread handles: whole queues when
+/// `threads` is 0, else every `threads`-th pair of the (queue, tag) list in
+/// lexicographic order, as kublk's `--per_io_tasks` does (so each queue is
+/// spread over as many threads as possible).
+pub fn assign_ios(queues: u16, depth: u16, threads: u16) -> Vec<Vec<(u16, u16)>> {
+    if threads == 0 {
+        return (0..queues)
+            .map(|q| (0..depth).map(|t| (q, t)).collect())
+            .collect();
+    }
+    let total = usize::from(queues) * usize::from(depth);
+    (0..usize::from(threads))
+        .map(|w| {
+            (w..total)
+                .step_by(usize::from(threads))
+                .map(|i| {
+                    (
+                        (i / usize::from(depth)) as u16,
+                        (i % usize::from(depth)) as u16,
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Pins the calling thread to `cpus` (no-op if empty or refused).
 fn pin_to(cpus: &[usize]) {
     if cpus.is_empty() {
@@ -480,8 +566,64 @@ impl Drop for Device {
             log::debug!("stopping device {}: {e}", dev.id);
         }
         drop(self.cdev.take());
-        if let Err(e) = self.ctrl.del_dev(dev) {
-            log::warn!("deleting device {}: {e}", dev.id);
+        match self.ctrl.del_dev(dev) {
+            Ok(()) => {}
+            // Someone else's DEL_DEV (`ublk del`) got there first.
+            Err(e) if e.errno() == Some(libc::ENODEV) => {
+                log::debug!("device {} was already deleted", dev.id);
+            }
+            Err(e) => log::warn!("deleting device {}: {e}", dev.id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ios_are_spread_like_kublk_per_io_tasks() {
+        assert_eq!(
+            assign_ios(2, 2, 0),
+            vec![vec![(0, 0), (0, 1)], vec![(1, 0), (1, 1)]]
+        );
+        assert_eq!(
+            assign_ios(2, 3, 4),
+            vec![
+                vec![(0, 0), (1, 1)],
+                vec![(0, 1), (1, 2)],
+                vec![(0, 2)],
+                vec![(1, 0)]
+            ]
+        );
+        let all: usize = assign_ios(3, 128, 5).iter().map(Vec::len).sum();
+        assert_eq!(all, 3 * 128);
+    }
+
+    #[test]
+    fn thread_counts_are_checked() {
+        assert!(DeviceBuilder::new().queues(2).threads(3).validate().is_ok());
+        assert!(DeviceBuilder::new()
+            .queues(1)
+            .depth(2)
+            .threads(3)
+            .validate()
+            .is_err());
+        assert!(DeviceBuilder::new()
+            .queues(1)
+            .threads(2)
+            .batch(true)
+            .validate()
+            .is_err());
+        let f = DeviceBuilder::new()
+            .queues(1)
+            .threads(2)
+            .requested_flags(Features::empty());
+        assert!(f.contains(Features::PER_IO_DAEMON));
+        assert!(!DeviceBuilder::new()
+            .queues(2)
+            .threads(2)
+            .requested_flags(Features::empty())
+            .contains(Features::PER_IO_DAEMON));
     }
 }

@@ -102,7 +102,8 @@ pub struct QueueConfig {
     pub batch: bool,
 }
 
-// user_data: bits 0–15 tag, 16–23 kind, 32–63 target data.
+// user_data: bits 0–15 the worker's io index (the tag, for a worker that
+// serves one whole queue), 16–23 kind, 32–63 target data.
 const KIND_CMD: u64 = 0;
 const KIND_TARGET: u64 = 1;
 const KIND_REG: u64 = 2;
@@ -129,6 +130,8 @@ pub struct Submit<'r, 's> {
     sq: &'r mut SubmissionQueue<'s, Entry>,
     submitter: &'r Submitter<'s>,
     target_inflight: &'r mut usize,
+    /// The worker io index of the request being handled.
+    current: u16,
 }
 
 impl std::fmt::Debug for Submit<'_, '_> {
@@ -140,16 +143,18 @@ impl std::fmt::Debug for Submit<'_, '_> {
 }
 
 impl Submit<'_, '_> {
-    /// Queues `entry` for request `tag`; its CQE comes back through
-    /// [`Target::complete`] with `data`. The entry's user data is replaced.
+    /// Queues `entry` for the request being handled (tag `_tag`, from
+    /// [`Target::handle`] or [`Target::complete`]); its CQE comes back
+    /// through [`Target::complete`] with `data`. The entry's user data is
+    /// replaced.
     ///
     /// # Safety
     /// Every buffer `entry` points to must stay valid until its CQE arrives
     /// (request buffers handed out in [`IoBuf::Mem`] do).
     #[inline]
-    pub unsafe fn push(&mut self, tag: u16, data: u32, entry: Entry) -> io::Result<()> {
+    pub unsafe fn push(&mut self, _tag: u16, data: u32, entry: Entry) -> io::Result<()> {
         // SAFETY: forwarded to our caller.
-        unsafe { self.push_kind(KIND_TARGET, tag, data, entry) }?;
+        unsafe { self.push_kind(KIND_TARGET, self.current, data, entry) }?;
         *self.target_inflight += 1;
         Ok(())
     }
@@ -238,8 +243,27 @@ struct TagState {
     registered: bool,
 }
 
-/// A queue ready to serve: created in the thread that will run it (the
-/// kernel binds a queue's commands to the task that fetched them).
+/// One (queue, tag) a worker serves; its index in `Queue::ios` is the io
+/// index used in user data and as the buffer-table index.
+#[derive(Debug, Clone, Copy)]
+struct IoSlot {
+    q_id: u16,
+    tag: u16,
+    /// Index into `Queue::queues`.
+    qi: usize,
+}
+
+/// What a worker keeps per queue it serves.
+#[derive(Debug)]
+struct QueueMem {
+    q_id: u16,
+    descs: DescArray,
+    bufs: Option<IoBuffers>,
+}
+
+/// A queue ready to serve — or, with `UBLK_F_PER_IO_DAEMON`, any set of
+/// (queue, tag) pairs. Created in the thread that will run it (the kernel
+/// binds each tag's commands to the task that fetched it).
 pub struct Queue<'fd> {
     cfg: QueueConfig,
     cdev: BorrowedFd<'fd>,
@@ -247,11 +271,13 @@ pub struct Queue<'fd> {
     // ring is closed first.
     ring: IoUring<squeue::Entry, cqueue::Entry>,
     batch: Option<Batch>,
-    descs: DescArray,
-    bufs: Option<IoBuffers>,
+    queues: Vec<QueueMem>,
+    ios: Vec<IoSlot>,
     tags: Vec<TagState>,
     cmd_inflight: usize,
     target_inflight: usize,
+    /// A command came back with `UBLK_IO_RES_ABORT` (STOP_DEV, QUIESCE_DEV).
+    aborted: bool,
     stats: QueueStats,
 }
 
@@ -288,13 +314,67 @@ impl<'fd> Queue<'fd> {
     /// Sets up queue `cfg.q_id` on the char device `cdev`, registering
     /// `files` after it in the ring's file table.
     pub fn new(cfg: QueueConfig, cdev: BorrowedFd<'fd>, files: &[RawFd]) -> Result<Self> {
+        let ios: Vec<(u16, u16)> = (0..cfg.depth).map(|t| (cfg.q_id, t)).collect();
+        Self::with_ios(cfg, &ios, cdev, files)
+    }
+
+    /// Sets up a worker for the (queue, tag) pairs `ios` of the device
+    /// `cfg` describes (`cfg.q_id` is only used in messages). Serving part
+    /// of a queue needs `UBLK_F_PER_IO_DAEMON`; batch I/O needs one whole
+    /// queue.
+    pub fn with_ios(
+        cfg: QueueConfig,
+        ios: &[(u16, u16)],
+        cdev: BorrowedFd<'fd>,
+        files: &[RawFd],
+    ) -> Result<Self> {
         if cfg.depth == 0 || u32::from(cfg.depth) > ublk_sys::UBLK_MAX_QUEUE_DEPTH {
             return Err(Error::Invalid(format!(
                 "queue depth {} is outside 1..=4096",
                 cfg.depth
             )));
         }
-        let depth = u32::from(cfg.depth);
+        if ios.is_empty()
+            || ios.len() > usize::from(u16::MAX)
+            || ios.iter().any(|&(_, t)| t >= cfg.depth)
+        {
+            return Err(Error::Invalid(format!(
+                "a worker needs 1..=65535 ios with tags below the depth {}",
+                cfg.depth
+            )));
+        }
+        let whole_queue = ios.len() == usize::from(cfg.depth)
+            && ios
+                .iter()
+                .enumerate()
+                .all(|(i, &(q, t))| q == ios[0].0 && usize::from(t) == i);
+        if cfg.batch && !whole_queue {
+            return Err(Error::Invalid(
+                "batch I/O needs each worker to serve one whole queue".into(),
+            ));
+        }
+        let mut queues: Vec<QueueMem> = Vec::new();
+        let mut slots = Vec::with_capacity(ios.len());
+        for &(q_id, tag) in ios {
+            let qi = match queues.iter().position(|q| q.q_id == q_id) {
+                Some(qi) => qi,
+                None => {
+                    let bufs = cfg
+                        .mode
+                        .has_buffers()
+                        .then(|| IoBuffers::new(usize::from(cfg.depth), cfg.max_io_bytes as usize))
+                        .transpose()?;
+                    queues.push(QueueMem {
+                        q_id,
+                        descs: DescArray::map(cdev, q_id, cfg.depth)?,
+                        bufs,
+                    });
+                    queues.len() - 1
+                }
+            };
+            slots.push(IoSlot { q_id, tag, qi });
+        }
+        let depth = ios.len() as u32;
         let entries = (depth * 2).next_power_of_two().clamp(64, 16384);
         let ring = build_ring(entries, (depth * 8).next_power_of_two().clamp(128, 65536))
             .map_err(Error::io("creating the queue io_uring"))?;
@@ -309,12 +389,6 @@ impl<'fd> Queue<'fd> {
                 .register_buffers_sparse(depth)
                 .map_err(Error::io("registering a sparse buffer table"))?;
         }
-        let descs = DescArray::map(cdev, cfg.q_id, cfg.depth)?;
-        let bufs = cfg
-            .mode
-            .has_buffers()
-            .then(|| IoBuffers::new(usize::from(cfg.depth), cfg.max_io_bytes as usize))
-            .transpose()?;
         let batch = if cfg.batch {
             if cfg.mode == CopyMode::NeedGetData {
                 return Err(Error::Invalid(
@@ -361,22 +435,37 @@ impl<'fd> Queue<'fd> {
             cdev,
             ring,
             batch,
-            descs,
-            bufs,
-            tags: vec![TagState::default(); usize::from(cfg.depth)],
+            queues,
+            tags: vec![TagState::default(); slots.len()],
+            ios: slots,
             cmd_inflight: 0,
             target_inflight: 0,
+            aborted: false,
             stats: QueueStats::default(),
         })
     }
 
-    /// The buffer address of `tag` for FETCH/COMMIT in the copy modes.
+    /// The (queue, tag) of io index `io`.
     #[inline]
-    fn buf_addr(&self, tag: u16) -> Option<*mut u8> {
+    fn slot(&self, io: u16) -> IoSlot {
+        self.ios.get(usize::from(io)).copied().unwrap_or(IoSlot {
+            q_id: self.cfg.q_id,
+            tag: io,
+            qi: 0,
+        })
+    }
+
+    /// The buffer address of io `io` for FETCH/COMMIT in the copy modes.
+    #[inline]
+    fn buf_addr(&self, io: u16) -> Option<*mut u8> {
+        let s = self.slot(io);
         match self.cfg.mode {
-            CopyMode::Copy | CopyMode::NeedGetData => {
-                self.bufs.as_ref().and_then(|b| b.addr(usize::from(tag)))
-            }
+            CopyMode::Copy | CopyMode::NeedGetData => self
+                .queues
+                .get(s.qi)?
+                .bufs
+                .as_ref()
+                .and_then(|b| b.addr(usize::from(s.tag))),
             _ => None,
         }
     }
@@ -397,7 +486,8 @@ impl<'fd> Queue<'fd> {
     }
 
     fn fetch_entry(&self, tag: u16) -> Entry {
-        let mut c = cmd::FetchReq::new(CDEV_FIXED, self.cfg.q_id, tag).encoding(self.cfg.encoding);
+        let s = self.slot(tag);
+        let mut c = cmd::FetchReq::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(tag) {
             c = c.buf_addr(a);
         }
@@ -408,8 +498,9 @@ impl<'fd> Queue<'fd> {
     }
 
     fn commit_entry(&self, tag: u16, res: i32) -> Entry {
-        let mut c = cmd::CommitAndFetchReq::new(CDEV_FIXED, self.cfg.q_id, tag, res)
-            .encoding(self.cfg.encoding);
+        let s = self.slot(tag);
+        let mut c =
+            cmd::CommitAndFetchReq::new(CDEV_FIXED, s.q_id, s.tag, res).encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(tag) {
             c = c.buf_addr(a);
         }
@@ -425,13 +516,14 @@ impl<'fd> Queue<'fd> {
         if self.batch.is_some() {
             return self.batch_start();
         }
-        for tag in 0..self.cfg.depth {
+        for tag in 0..self.ios.len() as u16 {
             let e = self.fetch_entry(tag);
             let (submitter, mut sq, _) = self.ring.split();
             let mut sub = Submit {
                 sq: &mut sq,
                 submitter: &submitter,
                 target_inflight: &mut self.target_inflight,
+                current: 0,
             };
             // SAFETY: the entry points at this queue's buffer for `tag` (or at
             // nothing), which lives as long as the queue; the queue waits for
@@ -642,6 +734,13 @@ impl<'fd> Queue<'fd> {
             if self.cmd_inflight + self.target_inflight == 0 && !batch_busy {
                 break;
             }
+            // QUIESCE_DEV aborts only the idle commands: those re-armed by
+            // later commits are cancelled when the ring closes. So once
+            // aborted, stop when our own work is done and committed.
+            if self.aborted && self.target_inflight == 0 && self.batch.is_none() {
+                let _ = self.ring.submit();
+                break;
+            }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e)
@@ -673,7 +772,7 @@ impl<'fd> Queue<'fd> {
                 match res {
                     r if r == ublk_sys::UBLK_IO_RES_OK as i32 => self.dispatch(target, tag),
                     r if r == ublk_sys::UBLK_IO_RES_NEED_GET_DATA as i32 => self.need_get_data(tag),
-                    ublk_sys::UBLK_IO_RES_ABORT => {}
+                    ublk_sys::UBLK_IO_RES_ABORT => self.aborted = true,
                     r => log::error!(
                         "queue {} tag {tag}: io command failed: {}",
                         self.cfg.q_id,
@@ -683,7 +782,11 @@ impl<'fd> Queue<'fd> {
             }
             KIND_TARGET => {
                 self.target_inflight -= 1;
-                let handled = self.with_submit(|sub| target.complete(sub, tag, data, res));
+                let ktag = self.slot(tag).tag;
+                let handled = self.with_submit(|sub| {
+                    sub.current = tag;
+                    target.complete(sub, ktag, data, res)
+                });
                 if let Handled::Done(r) = handled {
                     self.finish(tag, r);
                 }
@@ -713,6 +816,7 @@ impl<'fd> Queue<'fd> {
             sq: &mut sq,
             submitter: &submitter,
             target_inflight: &mut self.target_inflight,
+            current: 0,
         };
         f(&mut sub)
     }
@@ -735,8 +839,8 @@ impl<'fd> Queue<'fd> {
     }
 
     fn need_get_data(&mut self, tag: u16) {
-        let mut c =
-            cmd::NeedGetData::new(CDEV_FIXED, self.cfg.q_id, tag).encoding(self.cfg.encoding);
+        let s = self.slot(tag);
+        let mut c = cmd::NeedGetData::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(tag) {
             c = c.buf_addr(a);
         }
@@ -744,7 +848,8 @@ impl<'fd> Queue<'fd> {
     }
 
     fn register(&mut self, tag: u16) {
-        let e = cmd::RegisterIoBuf::new(CDEV_FIXED, self.cfg.q_id, tag, tag)
+        let s = self.slot(tag);
+        let e = cmd::RegisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, tag)
             .encoding(self.cfg.encoding)
             .build();
         // Linked so the target's first SQE runs only after the registration.
@@ -774,10 +879,12 @@ impl<'fd> Queue<'fd> {
     }
 
     fn dispatch<T: Target + ?Sized>(&mut self, target: &mut T, tag: u16) {
-        let Some(raw) = self.descs.get(tag) else {
+        let s = self.slot(tag);
+        let Some(raw) = self.queues.get(s.qi).and_then(|q| q.descs.get(s.tag)) else {
             log::error!(
-                "queue {}: kernel delivered tag {tag} past the depth",
-                self.cfg.q_id
+                "queue {}: kernel delivered tag {} past the depth",
+                s.q_id,
+                s.tag
             );
             return;
         };
@@ -791,7 +898,7 @@ impl<'fd> Queue<'fd> {
         if let Err(res) = self.check(&d) {
             return self.finish(tag, res);
         }
-        let q_id = self.cfg.q_id;
+        let q_id = s.q_id;
         let buf_kind = match self.cfg.mode {
             _ if !d.op.has_data() => BufKind::None,
             CopyMode::ZeroCopy => {
@@ -817,14 +924,16 @@ impl<'fd> Queue<'fd> {
                 sq: &mut sq,
                 submitter: &submitter,
                 target_inflight: &mut self.target_inflight,
+                current: tag,
             };
             let buf = match buf_kind {
                 BufKind::None => IoBuf::None,
                 BufKind::Fixed => IoBuf::Fixed(tag),
                 BufKind::Mem => match self
-                    .bufs
-                    .as_mut()
-                    .and_then(|b| b.slice_mut(usize::from(tag), d.len()))
+                    .queues
+                    .get_mut(s.qi)
+                    .and_then(|q| q.bufs.as_mut())
+                    .and_then(|b| b.slice_mut(usize::from(s.tag), d.len()))
                 {
                     Some(s) => IoBuf::Mem(s),
                     None => IoBuf::None,
@@ -834,7 +943,7 @@ impl<'fd> Queue<'fd> {
                 &mut sub,
                 Request {
                     q_id,
-                    tag,
+                    tag: s.tag,
                     desc: d,
                     buf,
                 },
@@ -847,11 +956,13 @@ impl<'fd> Queue<'fd> {
 
     /// pread (`to_server`) or pwrite the request's data through the char device.
     fn user_copy(&mut self, tag: u16, len: usize, to_kernel: bool) -> std::result::Result<(), i32> {
-        let off = user_copy_offset(self.cfg.q_id, tag, 0);
+        let s = self.slot(tag);
+        let off = user_copy_offset(s.q_id, s.tag, 0);
         let Some(buf) = self
-            .bufs
-            .as_mut()
-            .and_then(|b| b.slice_mut(usize::from(tag), len))
+            .queues
+            .get_mut(s.qi)
+            .and_then(|q| q.bufs.as_mut())
+            .and_then(|b| b.slice_mut(usize::from(s.tag), len))
         else {
             return Err(-libc::EIO);
         };
@@ -879,7 +990,8 @@ impl<'fd> Queue<'fd> {
             }
         }
         if state.registered {
-            let e = cmd::UnregisterIoBuf::new(CDEV_FIXED, self.cfg.q_id, tag, tag)
+            let s = self.slot(tag);
+            let e = cmd::UnregisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, tag)
                 .encoding(self.cfg.encoding)
                 .build();
             self.push_own(KIND_UNREG, tag, e);

@@ -123,6 +123,9 @@ pub struct AddArgs {
     /// Logical block size in bytes.
     #[arg(long = "logical-block-size", alias = "logical_block_size")]
     pub logical_block_size: Option<u32>,
+    /// Largest request in bytes (default 512 KiB; a multiple of 4096 up to 32 MiB).
+    #[arg(long = "max_io_buf_bytes", alias = "max-io-buf-bytes", value_parser = parse_size)]
+    pub max_io_buf_bytes: Option<u64>,
     /// Device size in bytes (null: default 250 GiB; loop: default the file's).
     #[arg(long = "size", short = 's', value_parser = parse_size)]
     pub size: Option<u64>,

@@ -37,6 +37,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("device {} was not created with quiesce support (it needs -r 1 on a kernel with UBLK_F_QUIESCE)", a.id);
             }
             ctrl.quiesce_dev(info.dev_ref(), 30_000)?;
+            // The kernel has aborted the server's commands; the device is
+            // QUIESCED (or FAIL_IO) once that server has let go of it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                match ctrl.dev_info(a.id).map(|i| i.state()) {
+                    Ok(ublk::DevState::Live) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Ok(ublk::DevState::Live) => bail!(
+                        "device {} was quiesced but its server (pid {}) has not let go of it",
+                        a.id,
+                        info.server_pid()
+                    ),
+                    Ok(_) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::UpdateSize(a) => update_size(&a),
@@ -53,7 +70,7 @@ fn existing(ctrl: &Control, id: u32) -> anyhow::Result<DevInfo> {
     ctrl.dev_info(id).map_err(|e| match e.errno() {
         Some(libc::ENODEV | libc::ENOENT) => anyhow!("device {id} does not exist"),
         Some(libc::EPERM | libc::EACCES) => {
-            anyhow!("permission denied for device {id}: it belongs to another user")
+            anyhow!("permission denied for device {id}: it belongs to another user (or needs root)")
         }
         _ => e.into(),
     })
@@ -71,11 +88,8 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     if a.auto_zc_fallback && !a.auto_zc {
         bail!("--auto_zc_fallback needs --auto_zc");
     }
-    if a.batch {
-        bail!("batch I/O (-b) is not implemented by this ublk server yet");
-    }
-    if a.per_io_tasks || a.nthreads.is_some_and(|n| n != a.queues) {
-        bail!("--per_io_tasks and --nthreads other than the queue count are not implemented by this ublk server yet");
+    if a.nthreads.is_some_and(|n| n != a.queues) && !a.per_io_tasks {
+        bail!("--nthreads other than the number of queues needs --per_io_tasks");
     }
     let mode = if a.zero_copy {
         CopyMode::ZeroCopy
@@ -97,6 +111,7 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
         (a.recovery_fail_io == 1, Features::USER_RECOVERY_FAIL_IO),
         (a.unprivileged, Features::UNPRIVILEGED_DEV),
         (a.no_auto_part_scan, Features::NO_AUTO_PART_SCAN),
+        (a.batch, Features::BATCH_IO),
     ] {
         if on {
             flags |= f;
@@ -104,6 +119,9 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     }
     if (a.recovery_reissue == 1 || a.recovery_fail_io == 1) && a.recovery != 1 {
         bail!("-i 1 and -e 1 need user recovery (-r 1)");
+    }
+    if a.unprivileged && a.recovery == 1 {
+        bail!("unprivileged devices cannot use user recovery (-r 1): the kernel forbids it");
     }
     Ok((mode, flags))
 }
@@ -121,6 +139,14 @@ fn builder(a: &AddArgs, ctrl: &Control) -> anyhow::Result<(DeviceBuilder, CopyMo
         .flags(flags);
     if let Some(id) = a.id {
         b = b.id(id);
+    }
+    if a.per_io_tasks {
+        b = b.threads(a.nthreads.unwrap_or(a.queues));
+    }
+    if let Some(bytes) = a.max_io_buf_bytes {
+        let bytes =
+            u32::try_from(bytes).map_err(|_| anyhow!("--max_io_buf_bytes {bytes} is too large"))?;
+        b = b.max_io_bytes(bytes);
     }
     b.validate()?;
     Ok((b, mode))
@@ -157,10 +183,28 @@ fn precheck(a: &AddArgs, recover: bool) -> anyhow::Result<()> {
                     "device {id} was not created with user recovery (-r 1) and cannot be recovered"
                 );
             }
+            let pid = info.server_pid();
+            if info.state() == ublk::DevState::Live && pid > 0 && process_running(pid) {
+                bail!("device {id} is live, served by pid {pid}: nothing to recover (stop, kill or quiesce that server first)");
+            }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn process_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+        // The state follows the parenthesised command name.
+        !matches!(
+            st.rsplit(')')
+                .next()
+                .map(str::trim_start)
+                .and_then(|r| r.chars().next()),
+            Some('Z' | 'X') | None
+        )
+    })
 }
 
 fn backing_options(a: &AddArgs) -> BackingOptions {
@@ -183,6 +227,8 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
     if recover {
         let id =
             a.id.ok_or_else(|| anyhow!("recover needs the device id: -n ID"))?;
+        // Another user's device: say so before looking for our state file.
+        existing(&open_control()?, id)?;
         if a.target.is_none() {
             let st = DeviceState::load(id).ok_or_else(|| {
                 anyhow!(
@@ -203,8 +249,7 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
         return serve(&a, recover, None).map(|()| ExitCode::SUCCESS);
     }
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let dir = state::state_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = state::ensure_dir()?;
     let log_path = dir.join("daemon.log");
     let log = File::options()
         .create(true)
@@ -299,7 +344,14 @@ fn serve(
             b.logical_block_size
         });
     let mut dev = if recover {
-        Device::recover(Arc::clone(&ctrl), a.id.unwrap_or_default(), mode)?
+        let id = a.id.unwrap_or_default();
+        Device::recover(Arc::clone(&ctrl), id, mode).map_err(|e| match e.errno() {
+            Some(libc::EBUSY) => {
+                let pid = ctrl.dev_info(id).map_or(-1, |i| i.server_pid());
+                anyhow!("device {id} is busy: its server (pid {pid}) is still attached; stop it or wait for it to exit")
+            }
+            _ => e.into(),
+        })?
     } else {
         let dev = builder
             .add(Arc::clone(&ctrl))

@@ -1,5 +1,11 @@
-//! Per-device state files under `/run/ublk/`, so `list` and `recover` know
-//! a device's target after its daemon is gone.
+//! Per-device state files, so `list` and `recover` know a device's target
+//! after its daemon is gone.
+//!
+//! They live in `/run/ublk/` for root. A non-root user (who can only have
+//! unprivileged devices) cannot write there, so each such user has a
+//! directory of their own: `$XDG_RUNTIME_DIR/ublk/`, or `/tmp/ublk-UID/`
+//! (mode 0700, refused unless it is theirs) where that is unset.
+//! `UBLK_STATE_DIR` overrides both.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,7 +17,44 @@ use crate::cli::{AddArgs, TargetKind};
 
 /// Where state files live (`UBLK_STATE_DIR` overrides, for tests).
 pub fn state_dir() -> PathBuf {
-    std::env::var_os("UBLK_STATE_DIR").map_or_else(|| PathBuf::from("/run/ublk"), PathBuf::from)
+    if let Some(d) = std::env::var_os("UBLK_STATE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let uid = rustix::process::geteuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/ublk");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(d) if d.is_absolute() => d.join("ublk"),
+        _ => PathBuf::from(format!("/tmp/ublk-{}", uid.as_raw())),
+    }
+}
+
+/// Creates the state directory if needed (0700 for a non-root user's own
+/// directory, which must then belong to that user).
+pub fn ensure_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = state_dir();
+    let uid = rustix::process::geteuid();
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    if !uid.is_root() {
+        b.mode(0o700);
+    }
+    b.create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    if !uid.is_root() {
+        let md = std::fs::symlink_metadata(&dir)
+            .with_context(|| format!("cannot inspect {}", dir.display()))?;
+        if !md.is_dir() || md.uid() != uid.as_raw() {
+            anyhow::bail!(
+                "state directory {} is not a directory of user {} (set UBLK_STATE_DIR)",
+                dir.display(),
+                uid.as_raw()
+            );
+        }
+    }
+    Ok(dir)
 }
 
 /// What the daemon records about its device.
@@ -45,9 +88,7 @@ pub fn path(id: u32) -> PathBuf {
 impl DeviceState {
     /// Writes atomically (temporary file + rename).
     pub fn save(&self) -> anyhow::Result<()> {
-        let dir = state_dir();
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = ensure_dir()?;
         let final_path = path(self.dev_id);
         let tmp = dir.join(format!(".ublk{}.json.{}", self.dev_id, std::process::id()));
         let write = |p: &Path| -> std::io::Result<()> {

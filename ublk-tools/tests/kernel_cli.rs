@@ -199,6 +199,14 @@ fn fio_verify_in_every_copy_mode() {
         (&["-b"], "UBLK_F_BATCH_IO"),
         (&["-b", "--auto_zc", "-q", "2"], "UBLK_F_BATCH_IO"),
         (&["-b", "-u"], "UBLK_F_BATCH_IO"),
+        (
+            &["-q", "2", "--nthreads", "3", "--per_io_tasks"],
+            "UBLK_F_PER_IO_DAEMON",
+        ),
+        (
+            &["--nthreads", "2", "--per_io_tasks", "-z"],
+            "UBLK_F_PER_IO_DAEMON",
+        ),
     ];
     for (opts, feature) in modes {
         if !feature.is_empty() && !has_feature(feature) {
@@ -306,6 +314,14 @@ fn bad_input_one_line_no_device_left() {
     fails(&["add", "-t", "null", "-d", "0"], "queue depth 0");
     fails(&["add", "-t", "null", "-d", "5000"], "queue depth 5000");
     fails(&["add", "-t", "null", "-q", "0"], "number of queues 0");
+    fails(
+        &["add", "-t", "null", "--nthreads", "2"],
+        "needs --per_io_tasks",
+    );
+    fails(
+        &["add", "-t", "null", "-b", "-g"],
+        "does not work with NEED_GET_DATA",
+    );
     fails(&["del", "-n", "977"], "device 977 does not exist");
     fails(
         &["recover", "-n", "977", "-t", "null"],
@@ -325,6 +341,14 @@ fn bad_input_one_line_no_device_left() {
         fails(
             &["add", "-t", "null", "-z"],
             "does not support UBLK_F_SUPPORT_ZERO_COPY",
+        );
+        fails(
+            &["add", "-t", "null", "--nthreads", "2", "--per_io_tasks"],
+            "does not support UBLK_F_PER_IO_DAEMON",
+        );
+        fails(
+            &["add", "-t", "null", "-b"],
+            "does not support UBLK_F_BATCH_IO",
         );
     }
     let o = Command::new(env!("CARGO_BIN_EXE_ublk"))

@@ -1,0 +1,841 @@
+//! fio benchmarks of the `ublk` server against the kernel's own drivers.
+//!
+//! Runs only under `cargo bench` (or `cargo xtask bench`, which runs it in a
+//! guest) on a machine with `/dev/ublk-control`; anywhere else, and under
+//! `cargo test --benches`, it prints a note and does nothing.
+//!
+//! For each target (`null`, `loop`) and queue count (1, 2) it adds one
+//! `ublk` device per copy mode (`target/release/ublk add … --quiet`, the id
+//! and daemon pid from `ublk list --json`) and the baseline (kernel
+//! `null_blk`, or kernel `loop` with `--direct-io=on` on the same backing
+//! file), then runs each fio job (`--ioengine=io_uring --direct=1`) on each
+//! of them. Per job and device, one calibration run picks a fixed number of
+//! I/Os (`--number_ios`) worth about `UBLK_BENCH_RUN_SECS` of fio time; one
+//! criterion iteration is one fio run of that many I/Os, timed by fio's own
+//! measured run time (fio's start-up is not counted), and
+//! `Throughput::Elements` makes criterion show IOPS. Benchmark ids are
+//! `TARGET/JOB/VARIANT`, e.g. `null/randread-4k-qd32-q1/ublk-default` or
+//! `null/randread-4k-qd32-q1/null_blk`; pass a regular expression
+//! (criterion's filter) to run a subset, `--list` to see them all.
+//! Variants whose `ublk add` fails (e.g. a copy mode the kernel lacks, or
+//! `-b` where batch I/O is refused) are skipped with a printed note.
+//!
+//! After criterion's samples of a job, `UBLK_BENCH_ROUNDS` rounds of one run
+//! per variant in turn give the table: IOPS, ratio to the baseline (median
+//! of the per-round ratios, so a slow-down of the emulated, shared machine
+//! hits both sides), fio's p99 completion latency, the daemon's CPU time per
+//! I/O (utime+stime from `/proc/PID/stat` around each run) and its RSS. It
+//! goes to `target/bench-report.md` and `target/bench-results.json`.
+//!
+//! Environment: `UBLK_BENCH_SAMPLES` (criterion samples, at least 10;
+//! default 10), `UBLK_BENCH_RUN_SECS` (fio time of one run; default 0.5),
+//! `UBLK_BENCH_ROUNDS` (table rounds; default 3), `UBLK_BENCH_SCALE`
+//! (multiplies the calibration runs' I/Os; default 1), `UBLK_BENCH_LOOP_MB`
+//! (backing file size, default 1024), `UBLK_BIN` (the `ublk` binary;
+//! default: `ublk` next to the bench's `deps/` directory, i.e.
+//! `target/release/ublk`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+use serde_json::Value;
+
+/// Where the loop target's (and kernel loop's) backing file lives.
+const BACKING: &str = "/tmp/ublk-bench.img";
+/// Queue depth of every device (ours and null_blk's `hw_queue_depth`).
+const DEVICE_DEPTH: u32 = 128;
+
+/// Which of our targets (and which baseline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Loop,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Null => "null",
+            Kind::Loop => "loop",
+        }
+    }
+
+    /// The baseline's variant name.
+    fn baseline(self) -> &'static str {
+        match self {
+            Kind::Null => "null_blk",
+            Kind::Loop => "kernel_loop",
+        }
+    }
+}
+
+/// Copy modes of our server, with the `ublk add` options selecting them.
+const MODES: [(&str, &[&str]); 5] = [
+    ("default", &[]),
+    ("user_copy", &["-u"]),
+    ("zero_copy", &["-z"]),
+    ("auto_zc", &["--auto_zc"]),
+    ("batch", &["-b"]),
+];
+
+/// One fio job.
+#[derive(Debug, Clone)]
+struct Job {
+    /// e.g. `randread-4k-qd32-q1`.
+    name: String,
+    rw: &'static str,
+    bs: u64,
+    /// `--iodepth` of each fio job.
+    qd: u32,
+    /// Device queues, and fio jobs (`--numjobs`, one per queue).
+    queues: u32,
+    /// I/Os of the calibration run (all jobs together).
+    ios: u64,
+}
+
+/// A positive number from the environment, or `default`.
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(default)
+}
+
+fn scale() -> f64 {
+    env_f64("UBLK_BENCH_SCALE", 1.0)
+}
+
+fn loop_mb() -> u64 {
+    env_f64("UBLK_BENCH_LOOP_MB", 1024.0) as u64
+}
+
+impl Job {
+    /// Most I/Os of one run: sequential jobs stay inside the device.
+    fn max_ios(&self, kind: Kind) -> u64 {
+        if self.rw.starts_with("rand") {
+            return u64::MAX;
+        }
+        let size = match kind {
+            Kind::Null => 250 << 30,
+            Kind::Loop => loop_mb() << 20,
+        };
+        (size / self.bs).max(1)
+    }
+}
+
+/// The matrix: 4k random reads and writes at depth 1, 32, 128 on 1 and 2
+/// queues; 128k and 1M sequential reads and writes at depth 8 on 1 queue.
+fn jobs() -> Vec<Job> {
+    let s = scale();
+    let n = |base: u64| ((base as f64 * s) as u64).max(16);
+    let mut v = Vec::new();
+    for queues in [1, 2] {
+        for rw in ["randread", "randwrite"] {
+            for qd in [1, 32, 128] {
+                v.push(Job {
+                    name: format!("{rw}-4k-qd{qd}-q{queues}"),
+                    rw,
+                    bs: 4096,
+                    qd,
+                    queues,
+                    ios: n(if qd == 1 { 1000 } else { 4000 }) / u64::from(queues)
+                        * u64::from(queues),
+                });
+            }
+        }
+    }
+    for (bs, label, base) in [(128 << 10, "128k", 800), (1 << 20, "1m", 200)] {
+        for rw in ["read", "write"] {
+            v.push(Job {
+                name: format!("{rw}-{label}-qd8-q1"),
+                rw,
+                bs,
+                qd: 8,
+                queues: 1,
+                ios: n(base),
+            });
+        }
+    }
+    v
+}
+
+/// criterion's filter from the command line (the first positional argument).
+#[derive(Debug)]
+struct Filter {
+    re: Option<regex::Regex>,
+    exact: Option<String>,
+}
+
+impl Filter {
+    fn from_args(args: &[String]) -> Self {
+        // criterion options that take a value.
+        const WITH_VALUE: &[&str] = &[
+            "-c",
+            "--color",
+            "-s",
+            "--save-baseline",
+            "-b",
+            "--baseline",
+            "--load-baseline",
+            "--format",
+            "--profile-time",
+            "--sample-size",
+            "--warm-up-time",
+            "--measurement-time",
+            "--nresamples",
+            "--noise-threshold",
+            "--confidence-level",
+            "--significance-level",
+            "--plotting-backend",
+            "--output-format",
+            "--logfile",
+        ];
+        let exact = args.iter().any(|a| a == "--exact");
+        let mut it = args.iter().skip(1);
+        let mut filter = None;
+        while let Some(a) = it.next() {
+            if WITH_VALUE.contains(&a.as_str()) {
+                it.next();
+            } else if !a.starts_with('-') {
+                filter = Some(a.clone());
+                break;
+            }
+        }
+        match filter {
+            None => Self {
+                re: None,
+                exact: None,
+            },
+            Some(f) if exact => Self {
+                re: None,
+                exact: Some(f),
+            },
+            Some(f) => Self {
+                re: Some(regex::Regex::new(&f).unwrap_or_else(|e| {
+                    eprintln!("bad filter {f:?}: {e}");
+                    std::process::exit(2)
+                })),
+                exact: None,
+            },
+        }
+    }
+
+    fn matches(&self, id: &str) -> bool {
+        match (&self.re, &self.exact) {
+            (Some(re), _) => re.is_match(id),
+            (_, Some(e)) => e == id,
+            _ => true,
+        }
+    }
+}
+
+/// A device a job runs on.
+#[derive(Debug)]
+struct Dev {
+    /// `ublk-MODE` or the baseline's name.
+    variant: String,
+    path: PathBuf,
+    /// Our daemon (none for the kernel's drivers).
+    daemon_pid: Option<i32>,
+    /// Our device id.
+    ublk_id: Option<u32>,
+    /// The kernel loop device (detached on teardown).
+    loop_dev: Option<String>,
+}
+
+/// What one fio run measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    ios: u64,
+    secs: f64,
+    p99_ns: f64,
+    cpu_ns: Option<f64>,
+}
+
+/// Everything measured of one benchmark.
+#[derive(Debug, Default)]
+struct Stats {
+    runs: Vec<Run>,
+    rss_kib: Option<u64>,
+    hwm_kib: Option<u64>,
+}
+
+impl Stats {
+    fn iops(&self) -> f64 {
+        let ios: u64 = self.runs.iter().map(|r| r.ios).sum();
+        let secs: f64 = self.runs.iter().map(|r| r.secs).sum();
+        if secs > 0.0 {
+            ios as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Median of the runs' p99 completion latencies, in µs.
+    fn p99_us(&self) -> f64 {
+        let mut v: Vec<f64> = self.runs.iter().map(|r| r.p99_ns).collect();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] / 1e3
+    }
+
+    /// Median over rounds of this run's IOPS / `base`'s in the same round.
+    fn ratio_to(&self, base: &Stats) -> Option<f64> {
+        let mut v: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&base.runs)
+            .map(|(a, b)| (a.ios as f64 / a.secs) / (b.ios as f64 / b.secs))
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        })
+    }
+
+    fn cpu_us_per_io(&self) -> Option<f64> {
+        let cpu: Option<f64> = self.runs.iter().map(|r| r.cpu_ns).sum();
+        let ios: u64 = self.runs.iter().map(|r| r.ios).sum();
+        cpu.filter(|_| ios > 0).map(|c| c / ios as f64 / 1e3)
+    }
+}
+
+fn target_dir() -> PathBuf {
+    // target/release/deps/fio-HASH → target
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .nth(3)
+        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+}
+
+fn ublk_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("UBLK_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .nth(2)
+        .map_or_else(|| PathBuf::from("ublk"), |d| d.join("ublk"))
+}
+
+/// Runs a command, returning stdout, or stderr as the error.
+fn sh(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// `ublk list --json`: (dev_id, daemon_pid) of every device.
+fn ublk_list() -> Vec<(u32, i32)> {
+    let Ok(out) = sh(Command::new(ublk_bin()).args(["list", "--json"])) else {
+        return Vec::new();
+    };
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| {
+                    Some((
+                        u32::try_from(d["dev_id"].as_u64()?).ok()?,
+                        i32::try_from(d["daemon_pid"].as_i64()?).ok()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `ublk add -t KIND -q Q -d 128 MODE… --quiet [-f BACKING]`.
+fn add_ublk(kind: Kind, queues: u32, mode: &str, opts: &[&str]) -> Result<Dev, String> {
+    let before: Vec<u32> = ublk_list().iter().map(|d| d.0).collect();
+    let mut cmd = Command::new(ublk_bin());
+    cmd.args(["add", "-t", kind.name(), "-q", &queues.to_string()])
+        .args(["-d", &DEVICE_DEPTH.to_string()])
+        .args(opts)
+        .arg("--quiet");
+    if kind == Kind::Loop {
+        cmd.args(["-f", BACKING]);
+    }
+    sh(&mut cmd)?;
+    let (id, pid) = ublk_list()
+        .into_iter()
+        .find(|d| !before.contains(&d.0))
+        .ok_or("ublk add succeeded but ublk list --json shows no new device")?;
+    let path = PathBuf::from(format!("/dev/ublkb{id}"));
+    let t0 = Instant::now();
+    while !path.exists() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Dev {
+        variant: format!("ublk-{mode}"),
+        path,
+        daemon_pid: Some(pid),
+        ublk_id: Some(id),
+        loop_dev: None,
+    })
+}
+
+/// Kernel null_blk with `queues` submit queues (reloads the module).
+fn add_null_blk(queues: u32) -> Result<Dev, String> {
+    let _ = sh(Command::new("rmmod").arg("null_blk"));
+    sh(Command::new("modprobe").args([
+        "null_blk",
+        "queue_mode=2",
+        "irqmode=0",
+        "nr_devices=1",
+        &format!("submit_queues={queues}"),
+        &format!("hw_queue_depth={DEVICE_DEPTH}"),
+        "gb=250",
+    ]))?;
+    let path = PathBuf::from("/dev/nullb0");
+    let t0 = Instant::now();
+    while !path.exists() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Dev {
+        variant: Kind::Null.baseline().into(),
+        path,
+        daemon_pid: None,
+        ublk_id: None,
+        loop_dev: None,
+    })
+}
+
+/// Kernel loop with direct I/O on the backing file.
+fn add_kernel_loop() -> Result<Dev, String> {
+    let out = sh(Command::new("losetup").args(["--direct-io=on", "--find", "--show", BACKING]))?;
+    let dev = out.trim().to_owned();
+    let name = dev.trim_start_matches("/dev/");
+    let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap_or_default();
+    if dio.trim() != "1" {
+        eprintln!("note: {dev} is not using direct I/O (sysfs dio = {dio:?})");
+    }
+    Ok(Dev {
+        variant: Kind::Loop.baseline().into(),
+        path: dev.clone().into(),
+        daemon_pid: None,
+        ublk_id: None,
+        loop_dev: Some(dev),
+    })
+}
+
+fn remove(dev: &Dev) {
+    if let Some(id) = dev.ublk_id {
+        if let Err(e) = sh(Command::new(ublk_bin()).args(["del", "-n", &id.to_string()])) {
+            eprintln!("note: {e}");
+        }
+    }
+    if let Some(l) = &dev.loop_dev {
+        let _ = sh(Command::new("losetup").args(["-d", l]));
+    }
+    if dev.variant == Kind::Null.baseline() {
+        let _ = sh(Command::new("rmmod").arg("null_blk"));
+    }
+}
+
+/// utime+stime of `pid` in ns.
+fn cpu_ns(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 * 1e9 / hz.max(1) as f64)
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn status_kib(pid: i32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs `job` for `ios` I/Os on `dev`.
+fn fio(dev: &Dev, job: &Job, ios: u64) -> Result<Run, String> {
+    let per_job = (ios / u64::from(job.queues)).max(1);
+    let mut cmd = Command::new("fio");
+    cmd.arg("--name=bench")
+        .arg(format!("--filename={}", dev.path.display()))
+        .args(["--ioengine=io_uring", "--direct=1", "--allow_file_create=0"])
+        .arg(format!("--rw={}", job.rw))
+        .arg(format!("--bs={}", job.bs))
+        .arg(format!("--iodepth={}", job.qd))
+        .arg(format!("--numjobs={}", job.queues))
+        .arg(format!("--number_ios={per_job}"))
+        .args([
+            "--group_reporting",
+            "--norandommap",
+            "--randrepeat=0",
+            "--output-format=json",
+        ]);
+    let cpu0 = dev.daemon_pid.and_then(cpu_ns);
+    let out = sh(&mut cmd)?;
+    let cpu1 = dev.daemon_pid.and_then(cpu_ns);
+    let json: Value = serde_json::from_str(&out[out.find('{').unwrap_or(0)..])
+        .map_err(|e| format!("fio printed no JSON ({e}): {out}"))?;
+    let j = &json["jobs"][0];
+    if j["error"].as_u64().unwrap_or(0) != 0 {
+        return Err(format!("fio job error {}", j["error"]));
+    }
+    let dir = if job.rw.contains("read") {
+        &j["read"]
+    } else {
+        &j["write"]
+    };
+    let done = dir["total_ios"].as_u64().unwrap_or(0);
+    let runtime_ms = dir["runtime"].as_f64().unwrap_or(0.0);
+    if done == 0 || runtime_ms <= 0.0 {
+        return Err(format!(
+            "fio did no I/O (total_ios {done}, runtime {runtime_ms} ms)"
+        ));
+    }
+    Ok(Run {
+        ios: done,
+        secs: runtime_ms / 1e3,
+        p99_ns: dir["clat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(0.0),
+        cpu_ns: cpu0.zip(cpu1).map(|(a, b)| b - a),
+    })
+}
+
+/// Writes the backing file (real blocks, so reads reach the disk).
+fn make_backing() -> std::io::Result<()> {
+    let mb = loop_mb();
+    if std::fs::metadata(BACKING).is_ok_and(|m| m.len() == mb << 20) {
+        return Ok(());
+    }
+    eprintln!("writing the {mb} MiB backing file {BACKING}...");
+    let mut f = std::fs::File::create(BACKING)?;
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    for _ in 0..mb {
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()
+}
+
+fn bench_id(kind: Kind, job: &Job, variant: &str) -> String {
+    format!("{}/{}/{variant}", kind.name(), job.name)
+}
+
+/// Benchmarks every selected job of `kind` on `queues` queues.
+fn bench_kind(
+    c: &mut Criterion,
+    filter: &Filter,
+    kind: Kind,
+    queues: u32,
+    results: &mut BTreeMap<String, Stats>,
+    notes: &mut Vec<String>,
+) {
+    let jobs: Vec<Job> = jobs().into_iter().filter(|j| j.queues == queues).collect();
+    let wanted = |variant: &str| {
+        jobs.iter()
+            .any(|j| filter.matches(&bench_id(kind, j, variant)))
+    };
+    let mut devs = Vec::new();
+    if wanted(kind.baseline()) {
+        match match kind {
+            Kind::Null => add_null_blk(queues),
+            Kind::Loop => add_kernel_loop(),
+        } {
+            Ok(d) => devs.push(d),
+            Err(e) => notes.push(format!("{} baseline unavailable: {e}", kind.name())),
+        }
+    }
+    for (mode, opts) in MODES {
+        if !wanted(&format!("ublk-{mode}")) {
+            continue;
+        }
+        match add_ublk(kind, queues, mode, opts) {
+            Ok(d) => devs.push(d),
+            Err(e) => {
+                let msg = format!(
+                    "skipped {} {mode} ({}) on {queues} queue(s): ublk add refused it: {e}",
+                    kind.name(),
+                    opts.join(" ")
+                );
+                eprintln!("note: {msg}");
+                notes.push(msg);
+            }
+        }
+    }
+    // Smoke-test each device once (also a warm-up); drop those that fail.
+    devs.retain(|d| {
+        let probe = Job {
+            name: "probe".into(),
+            rw: "randread",
+            bs: 4096,
+            qd: 4,
+            queues: 1,
+            ios: 64,
+        };
+        match fio(d, &probe, 64) {
+            Ok(_) => true,
+            Err(e) => {
+                let msg = format!("skipped {} {}: fio failed: {e}", kind.name(), d.variant);
+                eprintln!("note: {msg}");
+                notes.push(msg);
+                remove(d);
+                false
+            }
+        }
+    });
+
+    let run_secs = env_f64("UBLK_BENCH_RUN_SECS", 0.5);
+    let rounds = env_f64("UBLK_BENCH_ROUNDS", 3.0) as usize;
+    for job in &jobs {
+        let selected: Vec<&Dev> = devs
+            .iter()
+            .filter(|d| filter.matches(&bench_id(kind, job, &d.variant)))
+            .collect();
+        if selected.is_empty() {
+            continue;
+        }
+        // Calibrate: a fixed number of I/Os per device, about `run_secs`
+        // of fio time each.
+        let mut ios = Vec::new();
+        for dev in &selected {
+            let n = match fio(dev, job, job.ios) {
+                Ok(r) => {
+                    let q = u64::from(job.queues);
+                    let n = (r.ios as f64 / r.secs * run_secs) as u64;
+                    (n.clamp(q * 16, job.max_ios(kind)) / q * q).max(q)
+                }
+                Err(e) => {
+                    eprintln!("note: {} calibration failed: {e}", dev.variant);
+                    job.ios
+                }
+            };
+            ios.push(n);
+        }
+        let mut g = c.benchmark_group(format!("{}/{}", kind.name(), job.name));
+        g.sampling_mode(SamplingMode::Flat);
+        for (dev, &n) in selected.iter().zip(&ios) {
+            let id = bench_id(kind, job, &dev.variant);
+            g.throughput(Throughput::Elements(n));
+            g.bench_function(BenchmarkId::from_parameter(&dev.variant), |b| {
+                b.iter_custom(|iters| {
+                    let mut t = Duration::ZERO;
+                    for _ in 0..iters {
+                        let run = fio(dev, job, n).unwrap_or_else(|e| panic!("{id}: {e}"));
+                        // Scale to exactly `n` I/Os per iteration.
+                        t += Duration::from_secs_f64(run.secs * n as f64 / run.ios as f64);
+                    }
+                    t
+                });
+            });
+        }
+        g.finish();
+        // The table: rounds of one run per device in turn, so that a
+        // slow-down of the (emulated, shared) machine hits every variant.
+        let mut stats: Vec<Stats> = selected.iter().map(|_| Stats::default()).collect();
+        for _ in 0..rounds.max(1) {
+            for ((dev, &n), st) in selected.iter().zip(&ios).zip(stats.iter_mut()) {
+                match fio(dev, job, n) {
+                    Ok(r) => st.runs.push(r),
+                    Err(e) => eprintln!("note: {}: {e}", bench_id(kind, job, &dev.variant)),
+                }
+            }
+        }
+        for (dev, mut st) in selected.iter().zip(stats) {
+            if let Some(pid) = dev.daemon_pid {
+                st.rss_kib = status_kib(pid, "VmRSS:");
+                st.hwm_kib = status_kib(pid, "VmHWM:");
+            }
+            results.insert(bench_id(kind, job, &dev.variant), st);
+        }
+    }
+    for d in &devs {
+        remove(d);
+    }
+}
+
+/// The markdown table: one row per (target, job, copy mode).
+fn report(results: &BTreeMap<String, Stats>, notes: &[String]) -> String {
+    let mut s = String::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "Kernel {}, {} CPUs, {} table runs (rounds of one fio run per variant in turn, after criterion's samples). IOPS = I/Os / fio run time over the rounds; ratio = median over rounds of our IOPS / the baseline's in the same round (kernel null_blk for null, kernel loop with direct I/O on the same file for loop); p99 = median over the rounds of fio's p99 completion latency; CPU/IO = daemon utime+stime (/proc/PID/stat, 10 ms ticks) per I/O; RSS = daemon VmRSS (and VmHWM) after the rounds.\n",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        results.values().map(|r| r.runs.len()).sum::<usize>()
+    );
+    s += "| config | IOPS (ublk) | IOPS (baseline) | ratio | p99 µs (ublk) | p99 µs (baseline) | CPU µs/IO | RSS MiB (peak) |\n";
+    s += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (id, st) in results {
+        let mut parts = id.rsplitn(2, '/');
+        let variant = parts.next().unwrap_or("");
+        let group = parts.next().unwrap_or("");
+        let Some(mode) = variant.strip_prefix("ublk-") else {
+            continue;
+        };
+        let base_name = if group.starts_with("null/") {
+            Kind::Null.baseline()
+        } else {
+            Kind::Loop.baseline()
+        };
+        let base = results.get(&format!("{group}/{base_name}"));
+        let fmt_opt = |v: Option<f64>, prec: usize| {
+            v.map_or_else(|| "–".to_owned(), |x| format!("{x:.prec$}"))
+        };
+        let _ = writeln!(
+            s,
+            "| {group} {mode} | {:.0} | {} | {} | {:.0} | {} | {} | {} |",
+            st.iops(),
+            fmt_opt(base.map(Stats::iops), 0),
+            fmt_opt(base.and_then(|b| st.ratio_to(b)), 3),
+            st.p99_us(),
+            fmt_opt(base.map(Stats::p99_us), 0),
+            fmt_opt(st.cpu_us_per_io(), 1),
+            match (st.rss_kib, st.hwm_kib) {
+                (Some(r), Some(h)) =>
+                    format!("{:.1} ({:.1})", r as f64 / 1024.0, h as f64 / 1024.0),
+                _ => "–".into(),
+            }
+        );
+    }
+    for n in notes {
+        let _ = writeln!(s, "\nNote: {n}");
+    }
+    s
+}
+
+fn results_json(results: &BTreeMap<String, Stats>) -> Value {
+    let rows: serde_json::Map<String, Value> = results
+        .iter()
+        .map(|(id, st)| {
+            (
+                id.clone(),
+                serde_json::json!({
+                    "iops": st.iops(),
+                    "p99_us": st.p99_us(),
+                    "cpu_us_per_io": st.cpu_us_per_io(),
+                    "rss_kib": st.rss_kib,
+                    "hwm_kib": st.hwm_kib,
+                    "runs": st.runs.len(),
+                }),
+            )
+        })
+        .collect();
+    Value::Object(rows)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let bench_mode = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
+    if !bench_mode {
+        println!("fio benches: not run outside `cargo bench` (they need ublk_drv; use cargo xtask bench)");
+        return;
+    }
+    if !Path::new("/dev/ublk-control").exists() {
+        println!(
+            "fio benches skipped: no /dev/ublk-control (run them in a guest: cargo xtask bench)"
+        );
+        return;
+    }
+    if std::env::var_os("CRITERION_HOME").is_none()
+        && std::env::var_os("CARGO_TARGET_DIR").is_none()
+    {
+        std::env::set_var("CRITERION_HOME", target_dir().join("criterion"));
+    }
+    let samples = std::env::var("UBLK_BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(10)
+        .max(10);
+    let mut c = Criterion::default()
+        .sample_size(samples)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1))
+        .nresamples(10_000)
+        .configure_from_args();
+    let filter = Filter::from_args(&args);
+    let list_only = args.iter().any(|a| a == "--list");
+    if list_only {
+        for kind in [Kind::Null, Kind::Loop] {
+            for job in jobs() {
+                for v in MODES
+                    .iter()
+                    .map(|(m, _)| format!("ublk-{m}"))
+                    .chain([kind.baseline().to_owned()])
+                {
+                    let id = bench_id(kind, &job, &v);
+                    if filter.matches(&id) {
+                        println!("{id}: benchmark");
+                    }
+                }
+            }
+        }
+        return;
+    }
+    let ublk = ublk_bin();
+    if !ublk.exists() {
+        eprintln!(
+            "{} does not exist: build it first (cargo build --release -p ublk-tools)",
+            ublk.display()
+        );
+        std::process::exit(1);
+    }
+    let t0 = Instant::now();
+    let mut results = BTreeMap::new();
+    let mut notes = Vec::new();
+    let loop_wanted = jobs().iter().any(|j| {
+        MODES
+            .iter()
+            .map(|(m, _)| format!("ublk-{m}"))
+            .chain([Kind::Loop.baseline().to_owned()])
+            .any(|v| filter.matches(&bench_id(Kind::Loop, j, &v)))
+    });
+    for kind in [Kind::Null, Kind::Loop] {
+        if kind == Kind::Loop && loop_wanted {
+            if let Err(e) = make_backing() {
+                eprintln!("cannot write {BACKING}: {e}");
+                std::process::exit(1);
+            }
+        }
+        for queues in [1, 2] {
+            bench_kind(&mut c, &filter, kind, queues, &mut results, &mut notes);
+        }
+    }
+    c.final_summary();
+    let md = report(&results, &notes);
+    let dir = target_dir();
+    let _ = std::fs::write(dir.join("bench-report.md"), &md);
+    let _ = std::fs::write(
+        dir.join("bench-results.json"),
+        serde_json::to_string_pretty(&results_json(&results)).unwrap_or_default(),
+    );
+    println!(
+        "\n## ublk fio benchmarks ({:.0} s)\n\n{md}",
+        t0.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,249 @@
+//! What the examples share: the size argument, the serving loop with its
+//! signal handling, and two RAM disks.
+//!
+//! - [`serve`] adds a device, sets its size, serves it until `SIGINT`/`SIGTERM`
+//!   (or until someone else stops it, e.g. `ublk del -n N`), then deletes it;
+//! - [`VecDisk`] keeps the data in a `Vec<u8>` and copies it synchronously: it
+//!   needs the request's bytes in server memory ([`IoBuf::Mem`]) and one queue;
+//! - [`MemfdDisk`] keeps the data in a memfd and moves it with io_uring reads
+//!   and writes pushed on the queue's ring, like a loop device: it works in
+//!   every copy mode (plain `Read`/`Write` for [`IoBuf::Mem`], `ReadFixed`/
+//!   `WriteFixed` for [`IoBuf::Fixed`]) and with any number of queues.
+#![allow(dead_code)] // every example uses only part of this module
+
+use std::fmt;
+use std::io::{self, Write as _};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use ublk::io_uring::{opcode, types};
+use ublk::{
+    BasicParams, Control, DeviceBuilder, Handled, IoBuf, Op, Params, Request, StartKind, Submit,
+    Target,
+};
+
+/// The device size when no argument is given: 64 MiB.
+pub const DEFAULT_SIZE: u64 = 64 << 20;
+
+/// Any error, shown with its message (`main` prints the `Debug` form).
+pub struct Failure(Box<dyn std::error::Error>);
+
+impl<E: Into<Box<dyn std::error::Error>>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self(e.into())
+    }
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// What an example's `main` returns.
+pub type Result<T = ()> = std::result::Result<T, Failure>;
+
+/// The device size from the first argument: bytes, or with a `K`, `M`, `G`
+/// or `T` suffix (powers of 1024); [`DEFAULT_SIZE`] without one.
+pub fn size_arg() -> Result<u64> {
+    let Some(arg) = std::env::args().nth(1) else {
+        return Ok(DEFAULT_SIZE);
+    };
+    let usage = || {
+        let prog = std::env::args().next().unwrap_or_default();
+        format!("usage: {prog} [SIZE]  (e.g. 64M, 1G; default 64M; a multiple of 512 bytes), not {arg:?}")
+    };
+    let (digits, shift) = match arg.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&arg[..i], 10),
+        Some((i, 'm' | 'M')) => (&arg[..i], 20),
+        Some((i, 'g' | 'G')) => (&arg[..i], 30),
+        Some((i, 't' | 'T')) => (&arg[..i], 40),
+        _ => (arg.as_str(), 0),
+    };
+    let size = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0 && n % 512 == 0)
+        .ok_or_else(usage)?;
+    Ok(size)
+}
+
+/// Adds the device `builder` describes with `size` bytes, serves it with a
+/// target per queue from `make_target`, prints `/dev/ublkbN` once it is
+/// live, and returns once it stopped (Ctrl-C, `SIGTERM`, `ublk del`) and
+/// was deleted.
+pub fn serve<T, F>(builder: DeviceBuilder, size: u64, make_target: F) -> Result
+where
+    T: Target,
+    F: Fn(u16) -> io::Result<T> + Sync,
+{
+    // Taken over before the device exists, so no signal can kill the
+    // process while it has a half-made device.
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let ctrl = Arc::new(Control::open()?);
+    // The guard: dropping `dev` (also on an error below) stops and deletes
+    // the device.
+    let mut dev = builder.add(ctrl.clone())?;
+    let max_io = dev.info().max_io_buf_bytes();
+    dev.set_params(&Params::basic(BasicParams::new(size, max_io)))?;
+    let id = dev.info().dev_ref();
+
+    // STOP_DEV makes every queue's pending command complete with
+    // UBLK_IO_RES_ABORT, so `Device::run` returns. A STOP_DEV before
+    // START_DEV does nothing, hence the flag `on_live` looks at.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let signals_handle = signals.handle();
+    let stopper = std::thread::spawn({
+        let ctrl = ctrl.clone();
+        let stopping = stopping.clone();
+        move || {
+            for sig in signals.forever() {
+                eprintln!("signal {sig}: stopping /dev/ublkb{}", id.id);
+                stopping.store(true, Ordering::SeqCst);
+                if let Err(e) = ctrl.stop_dev(id) {
+                    eprintln!("STOP_DEV: {e}");
+                }
+            }
+        }
+    });
+
+    let served = dev.run(StartKind::Start, make_target, |info, queues| {
+        println!("{}", ublk::ctrl::block_dev_path(info.id()).display());
+        let _ = io::stdout().flush();
+        eprintln!(
+            "serving {size} bytes over {} queue(s) with {:?}; stop with Ctrl-C or `ublk del -n {}`",
+            queues.len(),
+            info.flags(),
+            info.id()
+        );
+        if stopping.load(Ordering::SeqCst) {
+            let _ = ctrl.stop_dev(id);
+        }
+    });
+    signals_handle.close();
+    let _ = stopper.join();
+    let stats = served?;
+    let requests: u64 = stats.iter().map(|s| s.requests).sum();
+    let errors: u64 = stats.iter().map(|s| s.errors).sum();
+    eprintln!("stopped after {requests} requests ({errors} failed); deleting the device");
+    drop(dev);
+    Ok(())
+}
+
+/// A RAM disk in a `Vec<u8>` that completes every request at once.
+///
+/// It owns its data, so a device using it must have a single queue (each
+/// queue gets its own target); it needs the request data in server memory.
+#[derive(Debug)]
+pub struct VecDisk {
+    data: Vec<u8>,
+}
+
+impl VecDisk {
+    /// A zeroed disk of `size` bytes.
+    pub fn new(size: u64) -> io::Result<Self> {
+        let size = usize::try_from(size).map_err(io::Error::other)?;
+        Ok(Self {
+            data: vec![0; size],
+        })
+    }
+}
+
+impl Target for VecDisk {
+    fn handle(&mut self, _: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+        let off = req.desc.offset() as usize;
+        let len = req.desc.len();
+        // The queue already failed requests past the capacity.
+        let Some(disk) = self.data.get_mut(off..off + len) else {
+            return Handled::Done(-libc::EIO);
+        };
+        match (req.desc.op, req.buf) {
+            (Op::Read, IoBuf::Mem(buf)) => buf.copy_from_slice(disk),
+            (Op::Write, IoBuf::Mem(buf)) => disk.copy_from_slice(buf),
+            (Op::Flush, _) => {}
+            (Op::Discard | Op::WriteZeroes, _) => disk.fill(0),
+            _ => return Handled::Done(-libc::EOPNOTSUPP),
+        }
+        Handled::Done(len as i32)
+    }
+}
+
+/// The ring's registered-file index of the memfd: [`Target::fixed_files`]
+/// entries follow the char device, which is index 0.
+const MEMFD_FIXED: types::Fixed = types::Fixed(1);
+
+/// A RAM disk in a memfd, served like a loop device: each request becomes
+/// one SQE on the queue's ring, and the request completes with its CQE.
+///
+/// Clones share the memfd, so every queue can have one.
+#[derive(Debug, Clone)]
+pub struct MemfdDisk {
+    memfd: Arc<OwnedFd>,
+}
+
+impl MemfdDisk {
+    /// A zeroed disk of `size` bytes.
+    pub fn new(size: u64) -> io::Result<Self> {
+        let fd = rustix::fs::memfd_create("ublk-example", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, size)?;
+        Ok(Self {
+            memfd: Arc::new(fd),
+        })
+    }
+}
+
+impl Target for MemfdDisk {
+    fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+        let off = req.desc.offset();
+        let len = req.desc.len() as u32;
+        let entry = match (req.desc.op, req.buf) {
+            // The request's bytes are in our memory.
+            (Op::Read, IoBuf::Mem(buf)) => opcode::Read::new(MEMFD_FIXED, buf.as_mut_ptr(), len)
+                .offset(off)
+                .build(),
+            (Op::Write, IoBuf::Mem(buf)) => opcode::Write::new(MEMFD_FIXED, buf.as_ptr(), len)
+                .offset(off)
+                .build(),
+            // The request's pages are entry `i` of the ring's buffer table;
+            // address 0 is the start of the request.
+            (Op::Read, IoBuf::Fixed(i)) => {
+                opcode::ReadFixed::new(MEMFD_FIXED, std::ptr::null_mut(), len, i)
+                    .offset(off)
+                    .build()
+            }
+            (Op::Write, IoBuf::Fixed(i)) => {
+                opcode::WriteFixed::new(MEMFD_FIXED, std::ptr::null(), len, i)
+                    .offset(off)
+                    .build()
+            }
+            // RAM needs no flush.
+            (Op::Flush, _) => return Handled::Done(0),
+            (Op::Discard | Op::WriteZeroes, _) => opcode::Fallocate::new(MEMFD_FIXED, len.into())
+                .offset(off)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            _ => return Handled::Done(-libc::EOPNOTSUPP),
+        };
+        // SAFETY: the entry points at the request's buffer, which stays valid
+        // until the request completes, and that happens only once this SQE's
+        // CQE has reached `complete`; or at a registered kernel buffer, or at
+        // nothing.
+        match unsafe { sub.push(req.tag, 0, entry) } {
+            Ok(()) => Handled::Queued,
+            Err(e) => Handled::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    fn complete(&mut self, _: &mut Submit<'_, '_>, _tag: u16, _data: u32, res: i32) -> Handled {
+        // Bytes moved, or -errno: exactly what the request completes with.
+        Handled::Done(res)
+    }
+
+    fn fixed_files(&self) -> Vec<RawFd> {
+        vec![self.memfd.as_raw_fd()]
+    }
+}
