@@ -97,9 +97,11 @@ impl Target for ShmemDisk {
             return Handled::Done(-libc::EIO);
         };
         if req.desc.flags.contains(IoFlags::SHMEM_ZC) {
-            let index = ((req.desc.addr >> ublk::sys::UBLK_SHMEM_ZC_IDX_OFF)
-                & u64::from(ublk::sys::UBLK_SHMEM_ZC_IDX_MASK)) as u32;
-            let buf_off = (req.desc.addr & u64::from(ublk::sys::UBLK_SHMEM_ZC_OFF_MASK)) as usize;
+            // The library decodes the buffer for us.
+            let IoBuf::Shmem { index, offset } = req.buf else {
+                return Handled::Done(-libc::EPROTO);
+            };
+            let (index, buf_off) = (u32::from(index), offset as usize);
             if index != self.index.load(Ordering::SeqCst) || buf_off + len > self.shm.len {
                 return Handled::Done(-libc::EIO);
             }

@@ -913,7 +913,11 @@ impl<'fd> Queue<'fd> {
             }
             _ => BufKind::Mem,
         };
-        if buf_kind == BufKind::Mem && self.cfg.mode == CopyMode::UserCopy && d.op == Op::Write {
+        if buf_kind == BufKind::Mem
+            && self.cfg.mode == CopyMode::UserCopy
+            && d.op == Op::Write
+            && !d.flags.contains(IoFlags::SHMEM_ZC)
+        {
             if let Err(res) = self.user_copy(tag, d.len(), false) {
                 return self.finish(tag, res);
             }
@@ -927,6 +931,10 @@ impl<'fd> Queue<'fd> {
                 current: tag,
             };
             let buf = match buf_kind {
+                _ if d.flags.contains(IoFlags::SHMEM_ZC) => IoBuf::Shmem {
+                    index: (d.addr >> ublk_sys::UBLK_SHMEM_ZC_IDX_OFF) as u16,
+                    offset: d.addr as u32,
+                },
                 BufKind::None => IoBuf::None,
                 BufKind::Fixed => IoBuf::Fixed(tag),
                 BufKind::Mem => match self
@@ -983,7 +991,7 @@ impl<'fd> Queue<'fd> {
     fn finish(&mut self, tag: u16, mut res: i32) {
         let state = self.tags.get(usize::from(tag)).copied().unwrap_or_default();
         if let (CopyMode::UserCopy, Some(d)) = (self.cfg.mode, state.desc) {
-            if d.op == Op::Read && res > 0 {
+            if d.op == Op::Read && res > 0 && !d.flags.contains(IoFlags::SHMEM_ZC) {
                 if let Err(e) = self.user_copy(tag, (res as usize).min(d.len()), true) {
                     res = e;
                 }

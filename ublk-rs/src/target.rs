@@ -135,6 +135,16 @@ pub enum IoBuf<'a> {
     /// In the queue ring's buffer table at this index (zero copy and auto
     /// buffer registration): use `ReadFixed`/`WriteFixed` with address 0.
     Fixed(u16),
+    /// In a shared-memory buffer the server registered with
+    /// [`crate::Control::reg_buf`] (`UBLK_F_SHMEM_ZC`, flag
+    /// [`IoFlags::SHMEM_ZC`]): the data is at `offset` in buffer `index`,
+    /// in the server's own mapping; the kernel copies nothing.
+    Shmem {
+        /// The index `reg_buf` returned.
+        index: u16,
+        /// Byte offset in that buffer.
+        offset: u32,
+    },
     /// No data (flush, discard, …).
     None,
 }
