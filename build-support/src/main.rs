@@ -7,6 +7,7 @@
 //!   tests in guests.
 //! * `refresh-header` updates ublk-sys's copy of the kernel's ublk_cmd.h.
 
+mod bench;
 mod demo;
 mod deps;
 mod header;
@@ -80,6 +81,22 @@ enum Cmd {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 3072)]
         mem: u32,
+    },
+    /// Run the fio benches (benches/fio.rs) in a guest; writes
+    /// target/bench-report.md and target/criterion.
+    Bench {
+        /// The Debian suite whose newest kernel to boot.
+        #[arg(long, value_enum, default_value = "sid")]
+        kernel: Suite,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 10800)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 3072)]
+        mem: u32,
+        /// criterion's filter (a regex over TARGET/JOB/VARIANT) and options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Update ublk-sys/include/ublk_cmd.h from Debian's newest kernel source.
     RefreshHeader {
@@ -170,6 +187,20 @@ fn run(cli: Cli) -> Result<u8> {
                 mem_mb: mem,
             })?;
             Ok(if ok { 0 } else { 1 })
+        }
+        Cmd::Bench {
+            kernel,
+            timeout,
+            mem,
+            args,
+        } => {
+            deps::ensure_for_tests()?;
+            bench::run(&bench::BenchOptions {
+                suite: kernel,
+                timeout: Duration::from_secs(timeout),
+                mem_mb: mem,
+                args,
+            })
         }
         Cmd::RefreshHeader {
             suite,

@@ -518,17 +518,10 @@ impl<'fd> Queue<'fd> {
         }
         for tag in 0..self.ios.len() as u16 {
             let e = self.fetch_entry(tag);
-            let (submitter, mut sq, _) = self.ring.split();
-            let mut sub = Submit {
-                sq: &mut sq,
-                submitter: &submitter,
-                target_inflight: &mut self.target_inflight,
-                current: 0,
-            };
             // SAFETY: the entry points at this queue's buffer for `tag` (or at
             // nothing), which lives as long as the queue; the queue waits for
             // every command before it is dropped (see `run`).
-            unsafe { sub.push_kind(KIND_CMD, tag, 0, e) }
+            self.with_submit(|sub| unsafe { sub.push_kind(KIND_CMD, tag, 0, e) })
                 .map_err(Error::io("queueing FETCH_REQ"))?;
             self.cmd_inflight += 1;
         }
