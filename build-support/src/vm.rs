@@ -374,6 +374,9 @@ pub fn run(kernel: &Kernel, opts: &VmOptions, body: &str) -> Result<Outcome> {
 }
 
 /// The QEMU command line.
+/// The guest CPU model (`UBLK_RIG_CPU` overrides).
+const CPU_MODEL: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16";
+
 fn qemu_command(
     kernel: &Kernel,
     opts: &VmOptions,
@@ -382,6 +385,10 @@ fn qemu_command(
     shared: &str,
 ) -> Result<Command> {
     let accel = std::env::var("UBLK_RIG_ACCEL").unwrap_or_else(|_| "tcg".into());
+    // A plain x86-64-v2 CPU: with `-cpu max` (every feature TCG can
+    // emulate) we saw a guest kernel panic in a user page fault and a
+    // SIGSEGV in a process that does not crash elsewhere.
+    let cpu = std::env::var("UBLK_RIG_CPU").unwrap_or_else(|_| CPU_MODEL.into());
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-nodefaults",
@@ -391,7 +398,7 @@ fn qemu_command(
         "stdio",
         "-no-reboot",
     ])
-    .args(["-accel", &accel, "-cpu", "max"])
+    .args(["-accel", &accel, "-cpu", &cpu])
     .args([
         "-smp",
         &opts.cpus.to_string(),

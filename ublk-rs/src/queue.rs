@@ -531,7 +531,7 @@ impl<'fd> Queue<'fd> {
         // A refused fetch completes at once; a good one stays pending.
         let mut refused = None;
         for cqe in self.ring.completion() {
-            self.cmd_inflight -= 1;
+            self.cmd_inflight = self.cmd_inflight.saturating_sub(1);
             refused.get_or_insert(cqe.result());
         }
         match refused {
@@ -630,7 +630,7 @@ impl<'fd> Queue<'fd> {
         if let Err(e) = r {
             log::error!("queue {}: cannot queue COMMIT_IO_CMDS: {e}", self.cfg.q_id);
             if let Some(b) = self.batch.as_mut() {
-                b.cmds -= 1;
+                b.cmds = b.cmds.saturating_sub(1);
                 b.in_flight[id as usize].clear();
                 b.free.push(id);
             }
@@ -653,7 +653,7 @@ impl<'fd> Queue<'fd> {
         }
         let more = cqueue::more(flags);
         if !more {
-            self.cmd_inflight -= 1;
+            self.cmd_inflight = self.cmd_inflight.saturating_sub(1);
         }
         let tags = self
             .batch
@@ -687,7 +687,7 @@ impl<'fd> Queue<'fd> {
     fn on_commit_cqe(&mut self, id: u32, res: i32) {
         let q_id = self.cfg.q_id;
         let Some(b) = self.batch.as_mut() else { return };
-        b.cmds -= 1;
+        b.cmds = b.cmds.saturating_sub(1);
         let Some(slot) = b.in_flight.get_mut(id as usize) else {
             return;
         };
@@ -702,8 +702,11 @@ impl<'fd> Queue<'fd> {
         } else if (res as usize) < total {
             // The element at `res` was refused; those after it were not
             // looked at and are committed again.
-            let bad = res as usize;
-            let tag = u16::from_ne_bytes([slot[bad], slot[bad + 1]]);
+            // Whole elements only, whatever the kernel returned.
+            let bad = res as usize / b.elem_bytes * b.elem_bytes;
+            let tag = slot
+                .get(bad..bad + 2)
+                .map_or(u16::MAX, |b| u16::from_ne_bytes([b[0], b[1]]));
             log::error!("queue {q_id}: kernel refused the commit of tag {tag}");
             let rest = bad + b.elem_bytes;
             if rest < total {
@@ -761,7 +764,7 @@ impl<'fd> Queue<'fd> {
         let data = (ud >> 32) as u32;
         match (ud >> 16) & 0xff {
             KIND_CMD => {
-                self.cmd_inflight -= 1;
+                self.cmd_inflight = self.cmd_inflight.saturating_sub(1);
                 match res {
                     r if r == ublk_sys::UBLK_IO_RES_OK as i32 => self.dispatch(target, tag),
                     r if r == ublk_sys::UBLK_IO_RES_NEED_GET_DATA as i32 => self.need_get_data(tag),
@@ -774,7 +777,7 @@ impl<'fd> Queue<'fd> {
                 }
             }
             KIND_TARGET => {
-                self.target_inflight -= 1;
+                self.target_inflight = self.target_inflight.saturating_sub(1);
                 let ktag = self.slot(tag).tag;
                 let handled = self.with_submit(|sub| {
                     sub.current = tag;
@@ -787,7 +790,7 @@ impl<'fd> Queue<'fd> {
             KIND_FETCH => self.on_fetch_cqe(target, res, flags),
             KIND_COMMIT => self.on_commit_cqe(data, res),
             KIND_REG | KIND_UNREG => {
-                self.target_inflight -= 1;
+                self.target_inflight = self.target_inflight.saturating_sub(1);
                 if res < 0 {
                     log::warn!(
                         "queue {} tag {tag}: buffer (un)registration failed: {}",
