@@ -520,6 +520,27 @@ pub fn device_ids() -> Vec<u32> {
     ids
 }
 
+/// A device still LIVE whose server has exited: waits (up to 15 s) for the
+/// kernel to notice. Linux 6.12 notices late, and a STOP_DEV in between can
+/// wait forever for the dead server's requests (REISSUE requeues them).
+fn wait_for_dead_server(ctrl: &Control, info: &DevInfo) {
+    let pid = info.server_pid();
+    if info.state() != ublk::DevState::Live || pid <= 0 || process_running(pid) {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        match ctrl.dev_info(info.id()).map(|i| i.state()) {
+            Ok(ublk::DevState::Live) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            _ => return,
+        }
+    }
+    log::warn!(
+        "device {}: still LIVE 15 s after its server {pid} exited; stopping it anyway",
+        info.id()
+    );
+}
+
 fn del(a: &DelArgs) -> anyhow::Result<ExitCode> {
     let ctrl = open_control()?;
     let ids = if a.all {
@@ -535,6 +556,7 @@ fn del(a: &DelArgs) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(e),
         };
         let dev = info.dev_ref();
+        wait_for_dead_server(&ctrl, &info);
         let r = ctrl.stop_dev(dev).and_then(|()| {
             if a.async_del {
                 ctrl.del_dev_async(dev)
