@@ -2,84 +2,11 @@
 //! systems, fio verification in every copy mode, bad input, `list` and
 //! `features` output. Run in the guest by `cargo xtask test`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
-fn ublk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ublk"))
-        .args(args)
-        .output()
-        .expect("run ublk")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = ublk(args);
-    assert!(
-        o.status.success(),
-        "ublk {args:?} failed ({}): {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs `ublk args`, expects failure with exactly one stderr line containing `needle`.
-fn fails(args: &[&str], needle: &str) {
-    let o = ublk(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "ublk {args:?} succeeded");
-    assert!(
-        err.contains(needle),
-        "ublk {args:?}: {err:?} does not mention {needle:?}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-}
-
-fn sh(cmd: &str) -> String {
-    let o = Command::new("sh").args(["-c", cmd]).output().expect("sh");
-    assert!(
-        o.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn ublk_nodes() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/dev")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("ublkb") || n.starts_with("ublkc"))
-        .collect();
-    v.sort();
-    v
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A scratch file under /tmp (ext4 on a virtio disk in the guest).
-fn image(name: &str, size: &str) -> PathBuf {
-    let dir = PathBuf::from(format!("/tmp/ublk-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    sh(&format!("rm -f {0} && truncate -s {size} {0}", p.display()));
-    p
-}
-
-fn first_id(list_out: &str) -> u32 {
-    list_out
-        .lines()
-        .find_map(|l| l.strip_prefix("dev id ")?.split(':').next()?.parse().ok())
-        .expect("dev id line")
-}
+mod common;
+use common::*;
 
 fn fio_verify(dev: &str, extra: &str) {
     sh(&format!(
@@ -87,27 +14,6 @@ fn fio_verify(dev: &str, extra: &str) {
          --iodepth=32 --size=64M --io_size=16M --verify=crc32c --verify_fatal=1 --do_verify=1 {extra} \
          --output-format=terse --terse-version=3 | awk -F';' '{{ if ($5 != 0) exit 1 }}'"
     ));
-}
-
-/// Deletes every ublk device when a test ends, passed or failed, so one
-/// failure does not cascade into the next test.
-struct Cleanup;
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = Command::new("sh")
-            .args(["-c", "umount /tmp/mnt-* 2>/dev/null; true"])
-            .status();
-        let _ = ublk(&["del", "-a"]);
-    }
-}
-
-fn guest_kernel() -> String {
-    std::env::var("UBLK_RIG_KERNEL").unwrap_or_default()
-}
-
-fn has_feature(name: &str) -> bool {
-    ok(&["features"]).lines().any(|l| l.trim() == name)
 }
 
 #[test]
