@@ -385,9 +385,10 @@ fn qemu_command(
     shared: &str,
 ) -> Result<Command> {
     let accel = std::env::var("UBLK_RIG_ACCEL").unwrap_or_else(|_| "tcg".into());
-    // A plain x86-64-v2 CPU: with `-cpu max` (every feature TCG can
-    // emulate) we saw a guest kernel panic in a user page fault and a
-    // SIGSEGV in a process that does not crash elsewhere.
+    // A plain x86-64-v2 CPU rather than `-cpu max`. Under either, a rare
+    // guest oops (int3 in sched_clock_cpu, even at boot) was seen: kernel
+    // text patching under multi-threaded TCG. `cargo xtask test` retries a
+    // guest that panics once.
     let cpu = std::env::var("UBLK_RIG_CPU").unwrap_or_else(|_| CPU_MODEL.into());
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
