@@ -75,8 +75,14 @@ enum Cmd {
         /// Skip cargo fmt, clippy and doc.
         #[arg(long)]
         skip_lint: bool,
+        /// The full cycle counts of the reliability issue: 1000 add/del
+        /// cycles of a null device and 100 of a loop device through the
+        /// CLI, 1000 in-process add/start/stop/delete cycles (the default
+        /// is 30, 15 and 200). What CI runs.
+        #[arg(long)]
+        stress: bool,
         /// Seconds before a guest is killed.
-        #[arg(long, default_value_t = 2400)]
+        #[arg(long, default_value_t = 3600)]
         timeout: u64,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 3072)]
@@ -175,6 +181,7 @@ fn run(cli: Cli) -> Result<u8> {
             kernel,
             host_only,
             skip_lint,
+            stress,
             timeout,
             mem,
         } => {
@@ -183,6 +190,7 @@ fn run(cli: Cli) -> Result<u8> {
                 suites: kernel.suites(),
                 host_only,
                 skip_lint,
+                stress,
                 timeout: Duration::from_secs(timeout),
                 mem_mb: mem,
             })?;

@@ -59,11 +59,20 @@ pub struct TestOptions {
     pub host_only: bool,
     /// Skip fmt, clippy and doc.
     pub skip_lint: bool,
+    /// Run the guest tests with the full cycle counts ([`STRESS_ENV`]).
+    pub stress: bool,
     /// Guest timeout.
     pub timeout: Duration,
     /// Guest memory in MiB.
     pub mem_mb: u32,
 }
+
+/// The environment of `--stress`: the cycle counts the reliability issue
+/// names (1000 null and, derived from it, 100 loop add/del cycles through
+/// the CLI) and as many in-process library cycles. A variable already set
+/// in the caller's environment wins.
+pub const STRESS_ENV: [(&str, &str); 2] =
+    [("UBLK_STRESS_CYCLES", "1000"), ("UBLK_E2E_CYCLES", "1000")];
 
 /// One row of the summary.
 #[derive(Debug)]
@@ -234,12 +243,23 @@ fn guest_run(
         Ok(k) => k,
         Err(e) => return failed_row(rows, suite.to_string(), e),
     };
-    let label = format!("{suite} {}", kernel.version());
+    let label = format!(
+        "{suite} {}{}",
+        kernel.version(),
+        if opts.stress { " (stress)" } else { "" }
+    );
     eprintln!("\n=== guest tests on {label} ({}) ===", kernel.release);
     let attempt = || {
         guest_script(&label, binaries).and_then(|script| {
-            let vm_opts =
+            let mut vm_opts =
                 vm::VmOptions::new(&kernel, ws.target_dir.clone(), opts.mem_mb, opts.timeout)?;
+            if opts.stress {
+                for (k, v) in STRESS_ENV {
+                    if !vm_opts.env.iter().any(|(set, _)| set == k) {
+                        vm_opts.env.push((k.into(), v.into()));
+                    }
+                }
+            }
             vm::run(&kernel, &vm_opts, &script)
         })
     };

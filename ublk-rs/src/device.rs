@@ -17,8 +17,13 @@ use crate::{Error, Features, Result};
 
 /// Default queue depth (as ublksrv and kublk).
 pub const DEFAULT_DEPTH: u16 = 128;
-/// Default largest request: 512 KiB.
+/// Default largest request where the server owns a buffer per tag
+/// ([`CopyMode::has_buffers`]): 512 KiB, as ublksrv.
 pub const DEFAULT_MAX_IO_BYTES: u32 = 512 << 10;
+/// Default largest request in the zero-copy modes: 1 MiB, as kublk. They
+/// allocate nothing per tag, so larger requests cost no memory, and a 1 MiB
+/// read is one request instead of two.
+pub const DEFAULT_MAX_IO_BYTES_ZERO_COPY: u32 = 1 << 20;
 /// Largest request the UAPI can address per tag (`UBLK_IO_BUF_BITS`).
 pub const MAX_IO_BYTES: u32 = 1 << ublk_sys::UBLK_IO_BUF_BITS;
 
@@ -28,7 +33,7 @@ pub struct DeviceBuilder {
     id: Option<u32>,
     queues: u16,
     depth: u16,
-    max_io_bytes: u32,
+    max_io_bytes: Option<u32>,
     mode: CopyMode,
     flags: Features,
     threads: u16,
@@ -41,13 +46,14 @@ impl Default for DeviceBuilder {
 }
 
 impl DeviceBuilder {
-    /// One queue of depth 128, 512 KiB requests, kernel copies.
+    /// One queue of depth 128, kernel copies, requests up to 512 KiB (1 MiB
+    /// once a zero-copy mode is chosen).
     pub const fn new() -> Self {
         Self {
             id: None,
             queues: 1,
             depth: DEFAULT_DEPTH,
-            max_io_bytes: DEFAULT_MAX_IO_BYTES,
+            max_io_bytes: None,
             mode: CopyMode::Copy,
             flags: Features::empty(),
             threads: 0,
@@ -68,10 +74,20 @@ impl DeviceBuilder {
         self.depth = depth;
         self
     }
-    /// Largest request in bytes.
+    /// Largest request in bytes (default [`DEFAULT_MAX_IO_BYTES`], or
+    /// [`DEFAULT_MAX_IO_BYTES_ZERO_COPY`] in the modes without buffers).
     pub const fn max_io_bytes(mut self, bytes: u32) -> Self {
-        self.max_io_bytes = bytes;
+        self.max_io_bytes = Some(bytes);
         self
+    }
+
+    /// The largest request in bytes: as set, or the copy mode's default.
+    pub fn io_bytes(&self) -> u32 {
+        self.max_io_bytes.unwrap_or(if self.mode.has_buffers() {
+            DEFAULT_MAX_IO_BYTES
+        } else {
+            DEFAULT_MAX_IO_BYTES_ZERO_COPY
+        })
     }
     /// How data moves.
     pub const fn copy_mode(mut self, mode: CopyMode) -> Self {
@@ -134,13 +150,11 @@ impl DeviceBuilder {
                 ublk_sys::UBLK_MAX_QUEUE_DEPTH
             )));
         }
-        if self.max_io_bytes < 4096
-            || self.max_io_bytes > MAX_IO_BYTES
-            || self.max_io_bytes % 4096 != 0
-        {
+        let max_io_bytes = self.io_bytes();
+        if !(4096..=MAX_IO_BYTES).contains(&max_io_bytes) || max_io_bytes % 4096 != 0 {
             return Err(Error::Invalid(format!(
                 "largest request {} bytes must be a multiple of 4096 in 4096..={MAX_IO_BYTES}",
-                self.max_io_bytes
+                max_io_bytes
             )));
         }
         let f = self.flags | self.mode.features();
@@ -200,7 +214,7 @@ impl DeviceBuilder {
         let mut raw = ublk_sys::ublksrv_ctrl_dev_info {
             nr_hw_queues: self.queues,
             queue_depth: self.depth,
-            max_io_buf_bytes: self.max_io_bytes,
+            max_io_buf_bytes: self.io_bytes(),
             dev_id: self.id.unwrap_or(u32::MAX),
             ublksrv_pid: -1,
             flags: flags.bits(),
@@ -267,6 +281,16 @@ pub struct Device {
     armed: bool,
     /// Serving threads when not one per queue (0: one per queue).
     threads: u16,
+}
+
+/// Selects the I/O scheduler of the block device `/dev/ublkb{id}` by
+/// writing `/sys/block/ublkb{id}/queue/scheduler` (root only; the device
+/// must be started). The kernel gives a single-queue ublk disk
+/// `mq-deadline`, where stacking drivers such as loop get `none`: a server
+/// whose backing schedules its own I/O, or that has none, wants `none`.
+pub fn set_io_scheduler(id: u32, name: &str) -> Result<()> {
+    std::fs::write(format!("/sys/block/ublkb{id}/queue/scheduler"), name)
+        .map_err(Error::io("setting the I/O scheduler"))
 }
 
 /// How [`Device::run`] brings the device up.
@@ -598,6 +622,25 @@ mod tests {
         );
         let all: usize = assign_ios(3, 128, 5).iter().map(Vec::len).sum();
         assert_eq!(all, 3 * 128);
+    }
+
+    #[test]
+    fn largest_request_defaults_follow_the_copy_mode() {
+        assert_eq!(DeviceBuilder::new().io_bytes(), 512 << 10);
+        for mode in [CopyMode::NeedGetData, CopyMode::UserCopy] {
+            assert_eq!(DeviceBuilder::new().copy_mode(mode).io_bytes(), 512 << 10);
+        }
+        for mode in [
+            CopyMode::ZeroCopy,
+            CopyMode::AutoBufReg { fallback: false },
+            CopyMode::AutoBufReg { fallback: true },
+        ] {
+            assert_eq!(DeviceBuilder::new().copy_mode(mode).io_bytes(), 1 << 20);
+            // An explicit size wins, set before or after the mode.
+            let b = DeviceBuilder::new().max_io_bytes(64 << 10).copy_mode(mode);
+            assert_eq!(b.io_bytes(), 64 << 10);
+        }
+        assert!(DeviceBuilder::new().max_io_bytes(4095).validate().is_err());
     }
 
     #[test]

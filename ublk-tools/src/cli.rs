@@ -114,6 +114,14 @@ pub struct AddArgs {
     /// An unprivileged device (UBLK_F_UNPRIVILEGED_DEV).
     #[arg(long)]
     pub unprivileged: bool,
+    /// The block device's I/O scheduler, set once it is live: `none` (the
+    /// default, as kernel loop and null_blk), a scheduler the kernel
+    /// offers (`mq-deadline`, `kyber`, `bfq`), or `default` to keep the
+    /// kernel's choice (`mq-deadline` for one queue). Root only: an
+    /// unprivileged device keeps the kernel's choice.
+    #[arg(long = "io_scheduler", alias = "io-scheduler", default_value = "none", value_parser = parse_scheduler)]
+    #[serde(default)]
+    pub io_scheduler: String,
     /// Loop: don't use O_DIRECT on the backing file.
     #[arg(long = "buffered_io", alias = "buffered-io")]
     pub buffered_io: bool,
@@ -123,7 +131,8 @@ pub struct AddArgs {
     /// Logical block size in bytes.
     #[arg(long = "logical-block-size", alias = "logical_block_size")]
     pub logical_block_size: Option<u32>,
-    /// Largest request in bytes (default 512 KiB; a multiple of 4096 up to 32 MiB).
+    /// Largest request in bytes, a multiple of 4096 up to 32 MiB (default
+    /// 512 KiB; 1 MiB with -z or --auto_zc, which need no buffers).
     #[arg(long = "max_io_buf_bytes", alias = "max-io-buf-bytes", value_parser = parse_size)]
     pub max_io_buf_bytes: Option<u64>,
     /// Device size in bytes (null: default 250 GiB; loop: default the file's).
@@ -203,6 +212,21 @@ pub struct DaemonArgs {
     pub json: String,
 }
 
+/// Checks an I/O scheduler name: lowercase letters, digits, `-` and `_`.
+fn parse_scheduler(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not an I/O scheduler name (none, mq-deadline, kyber, bfq or default)"
+        ))
+    }
+}
+
 /// Parses `4096`, `512K`, `1M`, `250G`, `1T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -258,6 +282,14 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn io_scheduler_defaults_to_none() {
+        assert_eq!(add(&["add", "-t", "null"]).io_scheduler, "none");
+        let a = add(&["add", "-t", "null", "--io_scheduler", "mq-deadline"]);
+        assert_eq!(a.io_scheduler, "mq-deadline");
+        assert!(parse(&["add", "-t", "null", "--io_scheduler", "a b"]).is_err());
     }
 
     #[test]
@@ -323,6 +355,10 @@ mod tests {
         assert_eq!(parse_size("512K"), Ok(512 << 10));
         assert_eq!(parse_size("250G"), Ok(250 << 30));
         assert!(parse_size("1Q").is_err());
+        assert_eq!(parse_scheduler("mq-deadline").as_deref(), Ok("mq-deadline"));
+        assert!(parse_scheduler("").is_err());
+        assert!(parse_scheduler("none\n").is_err());
+        assert!(parse_scheduler("../x").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999T").is_err());
     }

@@ -395,7 +395,21 @@ fn serve(
     let direct_io = backing.as_ref().map(|b| b.direct_io);
     let shared = backing.map(|b| Arc::new(b.file));
     let read_only = a.read_only;
+    let unprivileged = dev.info().flags().contains(Features::UNPRIVILEGED_DEV);
     let on_live = |info: &DevInfo, queues: &[ublk::QueueInfo]| {
+        // Before anyone is told the device is live, so that its first I/O
+        // already goes through the chosen scheduler. A recovered device
+        // keeps the one it had.
+        let keep = matches!(a.io_scheduler.as_str(), "" | "default");
+        if !recover && !unprivileged && !keep {
+            if let Err(e) = ublk::set_io_scheduler(info.id(), &a.io_scheduler) {
+                log::warn!(
+                    "device {}: cannot select the I/O scheduler {:?}: {e}; keeping the kernel's",
+                    info.id(),
+                    a.io_scheduler
+                );
+            }
+        }
         let st = DeviceState {
             dev_id: info.id(),
             target: kind,

@@ -154,6 +154,30 @@ fn null_target_and_piped_add_returns() {
 
 #[test]
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn io_scheduler_is_none_unless_asked() {
+    let _cleanup = Cleanup;
+    let sched = |id: u32| sh(&format!("cat /sys/block/ublkb{id}/queue/scheduler"));
+    let id = first_id(&ok(&["add", "-t", "null"]));
+    assert!(sched(id).contains("[none]"), "{}", sched(id));
+    // The kernel's own choice for a single-queue disk.
+    let kept = first_id(&ok(&["add", "-t", "null", "--io_scheduler", "default"]));
+    assert!(sched(kept).contains("[mq-deadline]"), "{}", sched(kept));
+    let chosen = first_id(&ok(&[
+        "add",
+        "-t",
+        "null",
+        "-q",
+        "2",
+        "--io_scheduler",
+        "mq-deadline",
+    ]));
+    assert!(sched(chosen).contains("[mq-deadline]"), "{}", sched(chosen));
+    ok(&["del", "-a"]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
 fn kill_daemon_without_recovery_removes_device() {
     let _cleanup = Cleanup;
     let id = first_id(&ok(&["add", "-t", "null"]));

@@ -630,12 +630,94 @@ fn cycles(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// `n` times: `ublk add ARGS -n ID --quiet`, then `ublk del -n ID`.
+/// What one served device's daemon holds: open fds, its own threads (not
+/// io_uring's `iou-*` workers, which the kernel starts and reaps on its
+/// own schedule), VmRSS (KiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DaemonUse {
+    fds: usize,
+    threads: usize,
+    rss_kib: u64,
+}
+
+impl DaemonUse {
+    fn of(pid: i32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        Self {
+            fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .count(),
+            threads: std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| !comm.starts_with("iou-"))
+                .count(),
+            rss_kib: field("VmRSS:"),
+        }
+    }
+}
+
+/// What the system holds once every device is deleted: `/dev/ublk*`
+/// nodes, state files, this test process's fds and the open fds of all
+/// processes (`/proc/sys/fs/file-nr` is a per-CPU estimate, too coarse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SystemUse {
+    nodes: Vec<String>,
+    states: Vec<String>,
+    own_fds: usize,
+    files: usize,
+}
+
+impl SystemUse {
+    fn now() -> Self {
+        let fds = |dir: PathBuf| std::fs::read_dir(dir).map_or(0, |d| d.count());
+        let files = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .map(|e| fds(e.path().join("fd")))
+            .sum::<usize>();
+        Self {
+            nodes: ublk_nodes(),
+            states: state_files(),
+            own_fds: fds("/proc/self/fd".into()),
+            files,
+        }
+    }
+
+    /// Whether `self` holds no more than `base`: the same nodes, state
+    /// files and own fds, and at most a few more fds in all (the guest's
+    /// shell and the test harness come and go: 16 of slack).
+    fn leaks_beyond(&self, base: &Self) -> bool {
+        self.nodes != base.nodes
+            || self.states != base.states
+            || self.own_fds > base.own_fds
+            || self.files > base.files + 16
+    }
+}
+
+/// `n` times: `ublk add ARGS -n ID --quiet`, then `ublk del -n ID`. The
+/// daemon of the tenth and of the last cycle hold the same fds, threads
+/// and (within 1 MiB) memory, and after the last cycle the system holds
+/// what it held after the tenth.
 fn add_del_cycles(n: u32, args: &[&str]) {
-    let nodes = ublk_nodes();
-    let states = state_files();
     let t = Instant::now();
-    for i in 0..n {
+    let mut at_ten = None;
+    let mut last = None;
+    for i in 1..=n {
         let id = (i % 8 + 10).to_string();
         let mut a = args.to_vec();
         a.extend_from_slice(&["-n", &id, "--quiet"]);
@@ -645,16 +727,47 @@ fn add_del_cycles(n: u32, args: &[&str]) {
             "cycle {i}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        let measure = i == 10.min(n) || i == n;
+        let daemon = measure.then(|| DaemonUse::of(daemon_pid(id.parse().unwrap())));
         ok(&["del", "-n", &id]);
+        if measure {
+            wait_until("no daemon left", 10, || daemons().is_empty());
+            let daemon = daemon.unwrap();
+            if i == 10.min(n) {
+                at_ten = Some((daemon, SystemUse::now()));
+            }
+            if i == n {
+                last = Some(daemon);
+            }
+        }
     }
     let took = t.elapsed();
     println!(
         "{n} add/del cycles of {args:?}: {took:?} ({:?} per cycle)",
         took / n.max(1)
     );
-    wait_until("no daemon left", 10, || daemons().is_empty());
-    wait_until("the nodes to be as before", 10, || ublk_nodes() == nodes);
-    assert_eq!(state_files(), states);
+    let (daemon_ten, system_ten) = at_ten.unwrap();
+    let daemon_last = last.unwrap();
+    println!("daemon after 10: {daemon_ten:?}, after {n}: {daemon_last:?}");
+    assert_eq!(
+        (daemon_last.fds, daemon_last.threads),
+        (daemon_ten.fds, daemon_ten.threads),
+        "the daemon's fds and threads after 10 cycles: {daemon_ten:?}; after {n}: {daemon_last:?}"
+    );
+    assert!(
+        daemon_last.rss_kib <= daemon_ten.rss_kib + 1024,
+        "the daemon's RSS after 10 cycles: {daemon_ten:?}; after {n}: {daemon_last:?}"
+    );
+    let settle = Instant::now();
+    while SystemUse::now().leaks_beyond(&system_ten) && settle.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let system_end = SystemUse::now();
+    println!("system after 10: {system_ten:?}, after {n}: {system_end:?}");
+    assert!(
+        !system_end.leaks_beyond(&system_ten),
+        "after 10 cycles: {system_ten:?}; after {n}: {system_end:?}"
+    );
 }
 
 #[test]
@@ -662,7 +775,8 @@ fn add_del_cycles(n: u32, args: &[&str]) {
 fn i_add_del_cycles_leave_nothing_behind() {
     let _cleanup = Cleanup;
     // 0.5 to 1.3 s per cycle in the TCG guest: 30 + 15 keep this under a
-    // minute. UBLK_STRESS_CYCLES=1000 for the full count.
+    // minute. `cargo xtask test --stress` (UBLK_STRESS_CYCLES=1000) runs
+    // the full count: 1000 null and 100 loop cycles.
     let n = cycles(30);
     add_del_cycles(n, &["add", "-t", "null", "-q", "2"]);
     let img = image("cycles.img", "64M");
