@@ -723,8 +723,111 @@ fn report(results: &BTreeMap<String, Stats>, notes: &[String]) -> String {
             }
         );
     }
+    s += &targets(results);
     for n in notes {
         let _ = writeln!(s, "\nNote: {n}");
+    }
+    s
+}
+
+/// A measured value and which variant gave it.
+type Measured = Option<(f64, String)>;
+
+/// The performance issue's targets, each checked against this run's rows
+/// (a target whose rows were not run says so).
+fn targets(results: &BTreeMap<String, Stats>) -> String {
+    let ratio = |a: &str, b: &str| results.get(a)?.ratio_to(results.get(b)?);
+    let rss_mib = |id: &str| Some(results.get(id)?.rss_kib? as f64 / 1024.0);
+    // The best of `ids` relative to `b`, with its copy mode.
+    let mode = |id: &str| id.rsplit("ublk-").next().unwrap_or(id).to_owned();
+    let best = |ids: &[&str], b: &str| -> Measured {
+        ids.iter()
+            .filter_map(|id| Some((ratio(id, b)?, mode(id))))
+            .max_by(|x, y| x.0.total_cmp(&y.0))
+    };
+    // One queue of depth 128 with 512 KiB buffers (the copy modes' default).
+    let buffers_mib = 128.0 * 0.5;
+    // (target, measured value and how, requirement, met)
+    let mut rows: Vec<(String, Measured, String, bool)> = Vec::new();
+    let mut at_least = |what: &str, got: Measured, want: f64| {
+        let met = got.as_ref().is_some_and(|(v, _)| *v >= want);
+        rows.push((what.to_owned(), got, format!("≥ {want}"), met));
+    };
+    let plain = |v: Option<f64>, how: &str| v.map(|v| (v, how.to_owned()));
+    at_least(
+        "null 4k randread qd32 q1 / null_blk",
+        plain(
+            ratio(
+                "null/randread-4k-qd32-q1/ublk-default",
+                "null/randread-4k-qd32-q1/null_blk",
+            ),
+            "default",
+        ),
+        0.20,
+    );
+    at_least(
+        "null 4k randwrite qd32 q1 / null_blk",
+        plain(
+            ratio(
+                "null/randwrite-4k-qd32-q1/ublk-default",
+                "null/randwrite-4k-qd32-q1/null_blk",
+            ),
+            "default",
+        ),
+        0.18,
+    );
+    at_least(
+        "loop 4k randread qd32 q1 / kernel loop",
+        plain(
+            ratio(
+                "loop/randread-4k-qd32-q1/ublk-default",
+                "loop/randread-4k-qd32-q1/kernel_loop",
+            ),
+            "default",
+        ),
+        0.45,
+    );
+    let zc = [
+        "loop/read-1m-qd8-q1/ublk-auto_zc",
+        "loop/read-1m-qd8-q1/ublk-zero_copy",
+    ];
+    at_least(
+        "loop 1M seq read / kernel loop (within 10%), zero copy",
+        best(&zc, "loop/read-1m-qd8-q1/kernel_loop"),
+        0.90,
+    );
+    at_least(
+        "loop 1M seq read, zero copy / copy mode",
+        best(&zc, "loop/read-1m-qd8-q1/ublk-default"),
+        1.5,
+    );
+    let mut at_most = |what: &str, got: Measured, want: f64| {
+        let met = got.as_ref().is_some_and(|(v, _)| *v <= want);
+        rows.push((what.to_owned(), got, format!("≤ {want} MiB"), met));
+    };
+    at_most(
+        "RSS, 1 queue × 128, copy mode (MiB)",
+        plain(rss_mib("loop/read-1m-qd8-q1/ublk-default"), "loop default"),
+        buffers_mib + 8.0,
+    );
+    for id in zc {
+        at_most(
+            "RSS, 1 queue × 128, zero copy (MiB)",
+            plain(rss_mib(id), &mode(id)),
+            8.0,
+        );
+    }
+    let mut s = String::from("\n| target | measured | required | met |\n|---|---:|---:|---|\n");
+    for (what, got, want, met) in rows {
+        let got = got.map_or_else(
+            || "not run".to_owned(),
+            |(v, how)| format!("{v:.3} ({how})"),
+        );
+        let _ = writeln!(
+            s,
+            "| {what} | {got} | {want} | {} |",
+            if met { "yes" } else { "NO" }
+        );
     }
     s
 }
