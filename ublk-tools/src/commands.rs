@@ -36,6 +36,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if !info.flags().contains(Features::QUIESCE) {
                 bail!("device {} was not created with quiesce support (it needs -r 1 on a kernel with UBLK_F_QUIESCE)", a.id);
             }
+            // For batch devices the kernel does not wait for the server's
+            // in-flight requests before cancelling: writes in flight were
+            // seen to fail (7.2.13). Refuse rather than lose I/O.
+            if info.flags().contains(Features::BATCH_IO) {
+                bail!("device {} uses batch I/O (-b): quiesce would fail its in-flight I/O; use `ublk stop` or `ublk del`", a.id);
+            }
             ctrl.quiesce_dev(info.dev_ref(), 30_000)?;
             // The kernel has aborted the server's commands; the device is
             // QUIESCED (or FAIL_IO) once that server has let go of it.

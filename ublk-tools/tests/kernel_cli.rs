@@ -67,16 +67,7 @@ fn seed_example_loop_xfs_list_del() {
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
 fn ext4_mkfs_fsck_clean() {
     let _cleanup = Cleanup;
-    let img = image("ext4.img", "256M");
-    let id = first_id(&ok(&[
-        "add",
-        "-t",
-        "loop",
-        "-q",
-        "2",
-        "-f",
-        img.to_str().unwrap(),
-    ]));
+    let (_, id) = add_loop("ext4.img", "256M", &["-q", "2"]);
     let dev = format!("/dev/ublkb{id}");
     sh(&format!(
         "mkfs.ext4 -q -F {dev} && mkdir -p /tmp/mnt-e4 && mount {dev} /tmp/mnt-e4"

@@ -63,20 +63,7 @@ fn disrupt_under_fio(id: u32, rounds: usize, quiesce: bool) {
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
 fn a_reissue_survives_five_kills_under_fio_verify() {
     let _cleanup = Cleanup;
-    let img = image("reissue.img", "64M");
-    let out = ok(&[
-        "add",
-        "-t",
-        "loop",
-        "-q",
-        "2",
-        "-r",
-        "1",
-        "-i",
-        "1",
-        img.to_str().unwrap(),
-    ]);
-    let id = first_id(&out);
+    let (_, id) = add_loop("reissue.img", "64M", &["-q", "2", "-r", "1", "-i", "1"]);
     disrupt_under_fio(id, 5, false);
     ok(&["del", "-n", &id.to_string()]);
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
@@ -87,17 +74,7 @@ fn a_reissue_survives_five_kills_under_fio_verify() {
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
 fn b_plain_recovery_fails_inflight_io_and_keeps_flushed_data() {
     let _cleanup = Cleanup;
-    let img = image("plain.img", "64M");
-    let id = first_id(&ok(&[
-        "add",
-        "-t",
-        "loop",
-        "-q",
-        "2",
-        "-r",
-        "1",
-        img.to_str().unwrap(),
-    ]));
+    let (_, id) = add_loop("plain.img", "64M", &["-q", "2", "-r", "1"]);
     let dev = format!("/dev/ublkb{id}");
     let data = scratch().join("plain.data");
     sh(&format!(
@@ -154,17 +131,7 @@ fn c_fail_io_fails_at_once_without_a_server() {
         skip("the FAIL_IO test", "UBLK_F_USER_RECOVERY_FAIL_IO");
         return;
     }
-    let img = image("failio.img", "64M");
-    let id = first_id(&ok(&[
-        "add",
-        "-t",
-        "loop",
-        "-r",
-        "1",
-        "-e",
-        "1",
-        img.to_str().unwrap(),
-    ]));
+    let (_, id) = add_loop("failio.img", "64M", &["-r", "1", "-e", "1"]);
     let dev = format!("/dev/ublkb{id}");
     sh(&format!(
         "dd if=/dev/urandom of={dev} bs=1M count=4 oflag=direct conv=fsync status=none"
@@ -210,20 +177,22 @@ fn d_quiesce_and_recover_under_fio_verify() {
         skip("the quiesce test", "UBLK_F_QUIESCE");
         return;
     }
-    let img = image("quiesce.img", "64M");
-    let id = first_id(&ok(&[
-        "add",
-        "-t",
-        "loop",
-        "-q",
-        "2",
-        "-r",
-        "1",
-        img.to_str().unwrap(),
-    ]));
+    let (_, id) = add_loop("quiesce.img", "64M", &["-q", "2", "-r", "1"]);
     disrupt_under_fio(id, 2, true);
     ok(&["del", "-n", &id.to_string()]);
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+    // A batch device's in-flight I/O would fail: quiesce refuses it and
+    // the device keeps serving.
+    if has_feature("UBLK_F_BATCH_IO") {
+        let (_, id) = add_loop("quiesce-b.img", "64M", &["-b", "-r", "1"]);
+        fails(&["quiesce", "-n", &id.to_string()], "uses batch I/O (-b)");
+        assert_eq!(dev_state(id), "LIVE");
+        sh(&format!(
+            "dd if=/dev/ublkb{id} of=/dev/null bs=4k count=16 iflag=direct status=none"
+        ));
+        ok(&["del", "-n", &id.to_string()]);
+        wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+    }
 }
 
 /// Runs `ublk args` as `uid` (no passwd entry needed, no capabilities).

@@ -198,6 +198,17 @@ pub fn image(name: &str, size: &str) -> PathBuf {
     p
 }
 
+/// Creates the image `name` of `size` in the scratch directory and adds a
+/// loop device on it with `opts`; returns the image and the device id.
+pub fn add_loop(name: &str, size: &str, opts: &[&str]) -> (PathBuf, u32) {
+    let img = image(name, size);
+    let mut args = vec!["add", "-t", "loop"];
+    args.extend_from_slice(opts);
+    args.push(img.to_str().unwrap());
+    let id = first_id(&ok(&args));
+    (img, id)
+}
+
 pub fn first_id(list_out: &str) -> u32 {
     list_out
         .lines()
