@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -18,10 +18,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ublk::io_uring::{opcode, types};
 use ublk::{
-    BasicParams, Control, DevInfo, DeviceBuilder, Handled, IoBuf, Op, Params, QueueStats, Request,
-    StartKind, Submit, Target,
+    BasicParams, Control, DevInfo, DeviceBuilder, FileTarget, Params, QueueStats, StartKind, Target,
 };
 
 /// The reason every kernel-needing test is ignored on the host.
@@ -34,10 +32,6 @@ pub fn rig_kernel() -> Option<String> {
         .ok()
         .filter(|s| !s.is_empty())
 }
-
-/// The ring's registered-file index of the backing file (index 0 is the char
-/// device).
-const BACKING_FIXED: types::Fixed = types::Fixed(1);
 
 /// A memfd of `len` bytes, for backing a [`MemTarget`].
 pub fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
@@ -53,80 +47,18 @@ pub fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A RAM disk: requests become reads and writes of a memfd, submitted on the
-/// queue's ring (registered as fixed file 1).
+/// A RAM disk: [`FileTarget`] over a memfd, each request one SQE on the
+/// queue's ring. In the copy modes the request buffer is server memory
+/// ([`ublk::IoBuf::Mem`]); in zero copy and auto buffer registration the
+/// request pages sit in the ring's buffer table ([`ublk::IoBuf::Fixed`]).
 ///
-/// In the copy modes the request buffer is server memory ([`IoBuf::Mem`]) and
-/// plain `Read`/`Write` move the data; in zero copy and auto buffer
-/// registration the request pages sit in the ring's buffer table
-/// ([`IoBuf::Fixed`]) and `ReadFixed`/`WriteFixed` (address 0: offset 0 in
-/// the kernel buffer) move them. FLUSH becomes an fsync, DISCARD and
-/// WRITE_ZEROES punch a hole.
-///
-/// Clones share the backing memfd (one per queue).
-#[derive(Debug, Clone)]
-pub struct MemTarget {
-    backing: Arc<OwnedFd>,
-}
+/// Clones share the memfd (one per queue); [`FileTarget::file`] is it, e.g.
+/// to check the data with `pread`.
+pub type MemTarget = FileTarget<Arc<OwnedFd>>;
 
-impl MemTarget {
-    /// A target over a fresh zeroed memfd of `capacity` bytes.
-    pub fn new(capacity: u64) -> io::Result<Self> {
-        Ok(Self {
-            backing: Arc::new(memfd("ublk-e2e-mem", capacity)?),
-        })
-    }
-
-    /// The backing memfd (e.g. to check the data with `pread`).
-    pub fn backing(&self) -> &Arc<OwnedFd> {
-        &self.backing
-    }
-}
-
-impl Target for MemTarget {
-    fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
-        let off = req.desc.offset();
-        let len = req.desc.len() as u32;
-        let entry = match (req.desc.op, req.buf) {
-            (Op::Read, IoBuf::Mem(b)) => opcode::Read::new(BACKING_FIXED, b.as_mut_ptr(), len)
-                .offset(off)
-                .build(),
-            (Op::Write, IoBuf::Mem(b)) => opcode::Write::new(BACKING_FIXED, b.as_ptr(), len)
-                .offset(off)
-                .build(),
-            (Op::Read, IoBuf::Fixed(i)) => {
-                opcode::ReadFixed::new(BACKING_FIXED, std::ptr::null_mut(), len, i)
-                    .offset(off)
-                    .build()
-            }
-            (Op::Write, IoBuf::Fixed(i)) => {
-                opcode::WriteFixed::new(BACKING_FIXED, std::ptr::null(), len, i)
-                    .offset(off)
-                    .build()
-            }
-            (Op::Flush, _) => opcode::Fsync::new(BACKING_FIXED).build(),
-            (Op::Discard | Op::WriteZeroes, _) => opcode::Fallocate::new(BACKING_FIXED, len.into())
-                .offset(off)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            _ => return Handled::Done(-libc::EOPNOTSUPP),
-        };
-        // SAFETY: the entry points at the request's buffer (valid until the
-        // request completes, which happens only after this SQE's CQE reaches
-        // `complete`), at a registered kernel buffer, or at nothing.
-        match unsafe { sub.push(req.tag, 0, entry) } {
-            Ok(()) => Handled::Queued,
-            Err(e) => Handled::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
-        }
-    }
-
-    fn complete(&mut self, _: &mut Submit<'_, '_>, _tag: u16, _data: u32, res: i32) -> Handled {
-        Handled::Done(res)
-    }
-
-    fn fixed_files(&self) -> Vec<RawFd> {
-        vec![self.backing.as_raw_fd()]
-    }
+/// A [`MemTarget`] over a fresh zeroed memfd of `capacity` bytes.
+pub fn mem_target(capacity: u64) -> io::Result<MemTarget> {
+    Ok(FileTarget::new(Arc::new(memfd("ublk-e2e-mem", capacity)?)))
 }
 
 /// How long [`TestDevice::start`] waits for the device to go live.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ublk::{Control, CopyMode, DeviceBuilder, Handled, Request, Submit, Target};
-use ublk_e2e::{fio, note, MemTarget, TestDevice};
+use ublk_e2e::{fio, mem_target, note, TestDevice};
 
 /// Allocations (including reallocations) since the process started.
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
@@ -168,7 +168,7 @@ fn measure(kind: Kind, mode: CopyMode, batch: bool) -> Option<Measured> {
         Kind::Null => TestDevice::start_with(ctrl, builder, CAPACITY, |_| Ok(Null)),
         Kind::Allocating => TestDevice::start_with(ctrl, builder, CAPACITY, |_| Ok(Allocating)),
         Kind::Mem => {
-            let t = MemTarget::new(CAPACITY).expect("memfd");
+            let t = mem_target(CAPACITY).expect("memfd");
             TestDevice::start_with(ctrl, builder, CAPACITY, move |_| Ok(t.clone()))
         }
     }

@@ -8,7 +8,7 @@ use ublk::{
     Attrs, BasicParams, Control, CopyMode, DevInfo, DevState, DeviceBuilder, DiscardParams, Error,
     Features, Params,
 };
-use ublk_e2e::{assert_device_gone, rig_kernel, wait_absent, MemTarget, Resources, TestDevice};
+use ublk_e2e::{assert_device_gone, mem_target, rig_kernel, wait_absent, Resources, TestDevice};
 
 const CAP: u64 = 16 << 20;
 
@@ -26,7 +26,7 @@ fn is_trixie() -> bool {
 
 /// A live RAM device of [`CAP`] bytes with `builder`'s shape.
 fn live(ctrl: &Arc<Control>, builder: DeviceBuilder) -> TestDevice {
-    let t = MemTarget::new(CAP).unwrap();
+    let t = mem_target(CAP).unwrap();
     TestDevice::start_with(ctrl.clone(), builder, CAP, move |_| Ok(t.clone()))
         .expect("starting a RAM device")
 }

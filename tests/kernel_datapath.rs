@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ublk::{Control, CopyMode, DeviceBuilder};
 use ublk_e2e::{
-    assert_device_gone, fio, note, spawn_fio, thread_names, wait_fio, MemTarget, Resources,
+    assert_device_gone, fio, mem_target, note, spawn_fio, thread_names, wait_fio, Resources,
     TestDevice,
 };
 
@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 
 /// Starts a RAM device of `cap` bytes.
 fn ram_device(ctrl: &Arc<Control>, builder: DeviceBuilder, cap: u64) -> TestDevice {
-    let t = MemTarget::new(cap).expect("memfd");
+    let t = mem_target(cap).expect("memfd");
     TestDevice::start_with(ctrl.clone(), builder, cap, move |_| Ok(t.clone()))
         .unwrap_or_else(|e| panic!("starting a RAM device ({builder:?}): {e}"))
 }
@@ -130,7 +130,7 @@ fn add_start_stop_delete_cycles_leak_nothing() {
     let cycle = |i: usize| {
         // A fresh control device each time: its ring and fd must go too.
         let dev = TestDevice::start(DeviceBuilder::new().queues(2).depth(16), 4 * MIB, |_| {
-            MemTarget::new(4 * MIB)
+            mem_target(4 * MIB)
         })
         .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
         let id = dev.id;

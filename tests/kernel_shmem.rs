@@ -166,7 +166,7 @@ fn reg_buf_and_unreg_buf() {
         ctrl.clone(),
         DeviceBuilder::new().flags(Features::SHMEM_ZC),
         CAPACITY as u64,
-        |_| ublk_e2e::MemTarget::new(CAPACITY as u64),
+        |_| ublk_e2e::mem_target(CAPACITY as u64),
     )
     .expect("starting a SHMEM_ZC device");
     let id = dev.info.dev_ref();

@@ -16,12 +16,12 @@
 
 mod common;
 
-use common::MemfdDisk;
+use common::memfd_disk;
 use ublk::{CopyMode, DeviceBuilder};
 
 fn main() -> common::Result {
     let size = common::size_arg()?;
-    let disk = MemfdDisk::new(size)?;
+    let disk = memfd_disk(size)?;
     let builder = DeviceBuilder::new()
         .queues(2)
         .copy_mode(CopyMode::Copy)

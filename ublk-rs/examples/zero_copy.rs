@@ -17,12 +17,12 @@
 
 mod common;
 
-use common::MemfdDisk;
+use common::memfd_disk;
 use ublk::{CopyMode, DeviceBuilder};
 
 fn main() -> common::Result {
     let size = common::size_arg()?;
-    let disk = MemfdDisk::new(size)?;
+    let disk = memfd_disk(size)?;
     // Queues share the memfd; each has its own ring and buffer table.
     let builder = DeviceBuilder::new().queues(2).copy_mode(CopyMode::ZeroCopy);
     common::serve(builder, size, |_q_id| Ok(disk.clone()))

@@ -58,7 +58,7 @@ pub use error::{Error, Result};
 pub use features::Features;
 pub use params::{Attrs, BasicParams, DiscardParams, Params};
 pub use queue::{CopyMode, Queue, QueueStats, Submit};
-pub use target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
+pub use target::{FileTarget, Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
 
 /// Re-exported so targets can build SQEs with the same io-uring version.
 pub use io_uring;

@@ -16,7 +16,7 @@ use crate::cli::{
     AddArgs, Cli, Command, DaemonArgs, DelArgs, ListArgs, StopArgs, TargetKind, UpdateSizeArgs,
 };
 use crate::state::{self, DeviceState};
-use crate::targets::{Backing, BackingOptions, LoopTarget, NullTarget};
+use crate::targets::{loop_target, Backing, BackingOptions, NullTarget};
 
 /// Default size of a null device: 250 GiB, like ublksrv and kublk.
 pub const NULL_DEFAULT_SIZE: u64 = 250 << 30;
@@ -36,9 +36,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if !info.flags().contains(Features::QUIESCE) {
                 bail!("device {} was not created with quiesce support (it needs -r 1 on a kernel with UBLK_F_QUIESCE)", a.id);
             }
-            // For batch devices the kernel does not wait for the server's
-            // in-flight requests before cancelling: writes in flight were
-            // seen to fail (7.2.13). Refuse rather than lose I/O.
+            // For a batch device QUIESCE_DEV does not wait for idle I/O,
+            // and cancelling its fetch commands (ublk_batch_cancel_queue)
+            // sets the queue's force_abort, so requests arriving before
+            // the recovered server fail with EIO (seen on 7.2.13) instead
+            // of waiting for it. Refuse rather than fail I/O.
             if info.flags().contains(Features::BATCH_IO) {
                 bail!("device {} uses batch I/O (-b): quiesce would fail its in-flight I/O; use `ublk stop` or `ublk del`", a.id);
             }
@@ -459,7 +461,7 @@ fn serve(
             } else {
                 StartKind::Start
             },
-            |_| Ok(LoopTarget::new(Arc::clone(file), read_only)),
+            |_| Ok(loop_target(Arc::clone(file), read_only)),
             on_live,
         ),
         None => dev.run(

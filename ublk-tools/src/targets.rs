@@ -1,16 +1,15 @@
 //! The null and loop targets.
-#![allow(unsafe_code)] // pushing file I/O SQEs that point at request buffers
+#![allow(unsafe_code)] // the BLKGETSIZE64/BLKSSZGET ioctls on a backing block device
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ublk::io_uring::{opcode, types};
-use ublk::{Handled, IoBuf, IoFlags, Op, Request, Submit, Target};
+use ublk::{FileTarget, Handled, Request, Submit, Target};
 
 /// The null target: every request completes at once with its full length.
 #[derive(Debug, Default, Clone, Copy)]
@@ -197,112 +196,15 @@ fn supports_punch_hole(f: &File) -> bool {
     }
 }
 
-/// The loop target: requests become io_uring file operations on the queue's
-/// own ring (the backing file is registered as fixed file 1).
-#[derive(Debug)]
-pub struct LoopTarget {
-    backing: Arc<File>,
-    read_only: bool,
-}
+/// The loop target: the library's [`FileTarget`] over the backing file
+/// (shared by the queues), whose requests become io_uring file operations
+/// on each queue's own ring: FUA writes as `RWF_DSYNC`, FLUSH as
+/// `fdatasync`, DISCARD and WRITE_ZEROES as `fallocate`.
+pub type LoopTarget = FileTarget<Arc<File>>;
 
-/// The fixed-file index of the backing file in every queue ring.
-const BACKING: types::Fixed = types::Fixed(1);
-
-impl LoopTarget {
-    /// A loop target over `backing`, shared by all queues.
-    pub fn new(backing: Arc<File>, read_only: bool) -> Self {
-        Self { backing, read_only }
-    }
-
-    /// Reports whether a request can be handled (`Err` = result to complete with).
-    fn reject(&self, op: Op) -> Option<i32> {
-        (self.read_only && matches!(op, Op::Write | Op::Discard | Op::WriteZeroes))
-            .then_some(-libc::EROFS)
-    }
-}
-
-impl Target for LoopTarget {
-    fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
-        let d = req.desc;
-        if let Some(res) = self.reject(d.op) {
-            return Handled::Done(res);
-        }
-        let len = d.len() as u32;
-        let off = d.offset();
-        let entry = match (d.op, &req.buf) {
-            (Op::Read, IoBuf::Mem(b)) => opcode::Read::new(BACKING, b.as_ptr().cast_mut(), len)
-                .offset(off)
-                .build(),
-            (Op::Read, IoBuf::Fixed(i)) => {
-                opcode::ReadFixed::new(BACKING, std::ptr::null_mut(), len, *i)
-                    .offset(off)
-                    .build()
-            }
-            (Op::Write, IoBuf::Mem(b)) => opcode::Write::new(BACKING, b.as_ptr(), len)
-                .offset(off)
-                .rw_flags(if d.flags.contains(IoFlags::FUA) {
-                    libc::RWF_DSYNC
-                } else {
-                    0
-                })
-                .build(),
-            (Op::Write, IoBuf::Fixed(i)) => {
-                opcode::WriteFixed::new(BACKING, std::ptr::null(), len, *i)
-                    .offset(off)
-                    .rw_flags(if d.flags.contains(IoFlags::FUA) {
-                        libc::RWF_DSYNC
-                    } else {
-                        0
-                    })
-                    .build()
-            }
-            (Op::Flush, _) => opcode::Fsync::new(BACKING)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            (Op::Discard, _) => opcode::Fallocate::new(BACKING, u64::from(len))
-                .offset(off)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            (Op::WriteZeroes, _) => {
-                let mode = if d.flags.contains(IoFlags::NOUNMAP) {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                opcode::Fallocate::new(BACKING, u64::from(len))
-                    .offset(off)
-                    .mode(mode)
-                    .build()
-            }
-            _ => return Handled::Done(-libc::EOPNOTSUPP),
-        };
-        // For fsync/fallocate the result is 0; report the request's length.
-        let data = if matches!(d.op, Op::Read | Op::Write) {
-            0
-        } else {
-            len
-        };
-        // SAFETY: the entry points at this request's buffer (or at a
-        // registered buffer index), which stays valid until the request is
-        // completed, and that happens only after this entry's CQE.
-        match unsafe { sub.push(req.tag, data, entry) } {
-            Ok(()) => Handled::Queued,
-            Err(e) => Handled::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
-        }
-    }
-
-    fn complete(&mut self, _: &mut Submit<'_, '_>, _tag: u16, data: u32, res: i32) -> Handled {
-        // A short read or write is fine: the driver requeues the remainder.
-        Handled::Done(if res >= 0 && data != 0 {
-            data as i32
-        } else {
-            res
-        })
-    }
-
-    fn fixed_files(&self) -> Vec<RawFd> {
-        vec![self.backing.as_raw_fd()]
-    }
+/// A loop target over `backing`; `read_only` refuses changes with `EROFS`.
+pub fn loop_target(backing: Arc<File>, read_only: bool) -> LoopTarget {
+    FileTarget::new(backing).read_only(read_only)
 }
 
 #[cfg(test)]

@@ -6,23 +6,23 @@
 //! - [`VecDisk`] keeps the data in a `Vec<u8>` and copies it synchronously: it
 //!   needs the request's bytes in server memory ([`IoBuf::Mem`]) and one queue;
 //! - [`MemfdDisk`] keeps the data in a memfd and moves it with io_uring reads
-//!   and writes pushed on the queue's ring, like a loop device: it works in
-//!   every copy mode (plain `Read`/`Write` for [`IoBuf::Mem`], `ReadFixed`/
-//!   `WriteFixed` for [`IoBuf::Fixed`]) and with any number of queues.
+//!   and writes pushed on the queue's ring, like a loop device: the library's
+//!   [`FileTarget`], which works in every copy mode (plain `Read`/`Write` for
+//!   [`IoBuf::Mem`], `ReadFixed`/`WriteFixed` for [`IoBuf::Fixed`]) and with
+//!   any number of queues.
 #![allow(dead_code)] // every example uses only part of this module
 
 use std::fmt;
 use std::io::{self, Write as _};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use ublk::io_uring::{opcode, types};
 use ublk::{
-    BasicParams, Control, DeviceBuilder, Handled, IoBuf, Op, Params, Request, StartKind, Submit,
-    Target,
+    BasicParams, Control, DeviceBuilder, FileTarget, Handled, IoBuf, Op, Params, Request,
+    StartKind, Submit, Target,
 };
 
 /// The device size when no argument is given: 64 MiB.
@@ -172,78 +172,18 @@ impl Target for VecDisk {
     }
 }
 
-/// The ring's registered-file index of the memfd: [`Target::fixed_files`]
-/// entries follow the char device, which is index 0.
-const MEMFD_FIXED: types::Fixed = types::Fixed(1);
-
-/// A RAM disk in a memfd, served like a loop device: each request becomes
-/// one SQE on the queue's ring, and the request completes with its CQE.
+/// A RAM disk in a memfd, served like a loop device by the library's
+/// [`FileTarget`]: each request becomes one SQE on the queue's ring (plain
+/// reads and writes of the request buffer in the copy modes, `ReadFixed` /
+/// `WriteFixed` of the registered request pages in the zero-copy modes),
+/// and the request completes with its CQE.
 ///
 /// Clones share the memfd, so every queue can have one.
-#[derive(Debug, Clone)]
-pub struct MemfdDisk {
-    memfd: Arc<OwnedFd>,
-}
+pub type MemfdDisk = FileTarget<Arc<OwnedFd>>;
 
-impl MemfdDisk {
-    /// A zeroed disk of `size` bytes.
-    pub fn new(size: u64) -> io::Result<Self> {
-        let fd = rustix::fs::memfd_create("ublk-example", rustix::fs::MemfdFlags::CLOEXEC)?;
-        rustix::fs::ftruncate(&fd, size)?;
-        Ok(Self {
-            memfd: Arc::new(fd),
-        })
-    }
-}
-
-impl Target for MemfdDisk {
-    fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
-        let off = req.desc.offset();
-        let len = req.desc.len() as u32;
-        let entry = match (req.desc.op, req.buf) {
-            // The request's bytes are in our memory.
-            (Op::Read, IoBuf::Mem(buf)) => opcode::Read::new(MEMFD_FIXED, buf.as_mut_ptr(), len)
-                .offset(off)
-                .build(),
-            (Op::Write, IoBuf::Mem(buf)) => opcode::Write::new(MEMFD_FIXED, buf.as_ptr(), len)
-                .offset(off)
-                .build(),
-            // The request's pages are entry `i` of the ring's buffer table;
-            // address 0 is the start of the request.
-            (Op::Read, IoBuf::Fixed(i)) => {
-                opcode::ReadFixed::new(MEMFD_FIXED, std::ptr::null_mut(), len, i)
-                    .offset(off)
-                    .build()
-            }
-            (Op::Write, IoBuf::Fixed(i)) => {
-                opcode::WriteFixed::new(MEMFD_FIXED, std::ptr::null(), len, i)
-                    .offset(off)
-                    .build()
-            }
-            // RAM needs no flush.
-            (Op::Flush, _) => return Handled::Done(0),
-            (Op::Discard | Op::WriteZeroes, _) => opcode::Fallocate::new(MEMFD_FIXED, len.into())
-                .offset(off)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            _ => return Handled::Done(-libc::EOPNOTSUPP),
-        };
-        // SAFETY: the entry points at the request's buffer, which stays valid
-        // until the request completes, and that happens only once this SQE's
-        // CQE has reached `complete`; or at a registered kernel buffer, or at
-        // nothing.
-        match unsafe { sub.push(req.tag, 0, entry) } {
-            Ok(()) => Handled::Queued,
-            Err(e) => Handled::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
-        }
-    }
-
-    fn complete(&mut self, _: &mut Submit<'_, '_>, _tag: u16, _data: u32, res: i32) -> Handled {
-        // Bytes moved, or -errno: exactly what the request completes with.
-        Handled::Done(res)
-    }
-
-    fn fixed_files(&self) -> Vec<RawFd> {
-        vec![self.memfd.as_raw_fd()]
-    }
+/// A zeroed [`MemfdDisk`] of `size` bytes.
+pub fn memfd_disk(size: u64) -> io::Result<MemfdDisk> {
+    let fd = rustix::fs::memfd_create("ublk-example", rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&fd, size)?;
+    Ok(FileTarget::new(Arc::new(fd)))
 }
