@@ -293,6 +293,22 @@ pub fn set_io_scheduler(id: u32, name: &str) -> Result<()> {
         .map_err(Error::io("setting the I/O scheduler"))
 }
 
+/// Sets the request timeout of the block device `/dev/ublkb{id}` by writing
+/// `/sys/block/ublkb{id}/queue/io_timeout` (root only; the device must be
+/// started). For a privileged device the driver only re-arms the timer of
+/// a request its live server still holds, but Linux 6.12 learns that its
+/// server died only from a timed-out request when the server held every
+/// tag: a short timeout bounds how long a dead server goes unnoticed
+/// (the block layer's default is 30 s).
+pub fn set_io_timeout(id: u32, timeout: std::time::Duration) -> Result<()> {
+    let ms = timeout.as_millis().max(1);
+    std::fs::write(
+        format!("/sys/block/ublkb{id}/queue/io_timeout"),
+        ms.to_string(),
+    )
+    .map_err(Error::io("setting the request timeout"))
+}
+
 /// How [`Device::run`] brings the device up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartKind {

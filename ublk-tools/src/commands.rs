@@ -408,6 +408,14 @@ fn serve(
         // Before anyone is told the device is live, so that its first I/O
         // already goes through the chosen scheduler. A recovered device
         // keeps the one it had.
+        // A privileged device's requests time out after DEAD_SERVER_NOTICE:
+        // harmless while its server lives (the driver re-arms the timer),
+        // and how Linux 6.12 notices a killed server that held every tag.
+        if !recover && !unprivileged {
+            if let Err(e) = ublk::set_io_timeout(info.id(), DEAD_SERVER_NOTICE) {
+                log::warn!("device {}: {e}", info.id());
+            }
+        }
         let keep = matches!(a.io_scheduler.as_str(), "" | "default");
         if !recover && !unprivileged && !keep {
             if let Err(e) = ublk::set_io_scheduler(info.id(), &a.io_scheduler) {
@@ -541,6 +549,10 @@ pub fn device_ids() -> Vec<u32> {
     ids.dedup();
     ids
 }
+
+/// The request timeout `add` gives privileged devices (see
+/// [`ublk::set_io_timeout`]).
+const DEAD_SERVER_NOTICE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A device still LIVE whose server has exited: waits (up to 15 s) for the
 /// kernel to notice. Linux 6.12 notices late, and a STOP_DEV in between can
