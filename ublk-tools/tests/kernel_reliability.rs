@@ -228,14 +228,7 @@ fn sh_as(uid: u32, cmd: &str) -> Output {
 }
 
 fn ok_as(uid: u32, args: &[&str]) -> String {
-    let o = ublk_as(uid, args);
-    assert!(
-        o.status.success(),
-        "uid {uid}: ublk {args:?} failed ({}): {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    succeeded(&format!("uid {uid}: ublk {args:?}"), ublk_as(uid, args))
 }
 
 /// What udev does with the rule the kernel documentation gives for

@@ -36,10 +36,14 @@ pub fn ublk(args: &[&str]) -> Output {
 }
 
 pub fn ok(args: &[&str]) -> String {
-    let o = ublk(args);
+    succeeded(&format!("ublk {args:?}"), ublk(args))
+}
+
+/// Expects `o` (of the command `what`) to have succeeded; returns its stdout.
+pub fn succeeded(what: &str, o: Output) -> String {
     assert!(
         o.status.success(),
-        "ublk {args:?} failed ({}): {}",
+        "{what} failed ({}): {}",
         o.status,
         String::from_utf8_lossy(&o.stderr)
     );
