@@ -76,8 +76,7 @@ pub fn run(opts: &BenchOptions) -> Result<u8> {
         "booting {} kernel {} ({})...",
         kernel.suite, kernel.release, kernel.package_version
     );
-    let vm_opts =
-        crate::vm::VmOptions::new(&kernel, ws.target_dir.clone(), opts.mem_mb, opts.timeout)?;
+    let vm_opts = crate::vm::VmOptions::new(&kernel, &ws, opts.mem_mb, opts.timeout)?;
     let report = ws.target_dir.join("bench-report.md");
     let _ = std::fs::remove_file(&report);
     let mut cmd = vec![

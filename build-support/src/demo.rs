@@ -51,7 +51,7 @@ pub fn run(kernel: crate::kernel::Suite, mem_mb: u32, timeout: std::time::Durati
         "booting {} kernel {} ({})...",
         kernel.suite, kernel.release, kernel.package_version
     );
-    let opts = crate::vm::VmOptions::new(&kernel, ws.target_dir.clone(), mem_mb, timeout)?;
+    let opts = crate::vm::VmOptions::new(&kernel, &ws, mem_mb, timeout)?;
     let ublk = ws.target_dir.join("release/ublk");
     let src = ws.root.join("ublk-rs");
     let body = format!(

@@ -160,8 +160,7 @@ fn run(cli: Cli) -> Result<u8> {
                 "booting {} kernel {} ({})...",
                 kernel.suite, kernel.release, kernel.package_version
             );
-            let opts =
-                vm::VmOptions::new(&kernel, ws.target_dir, mem, Duration::from_secs(timeout))?;
+            let opts = vm::VmOptions::new(&kernel, &ws, mem, Duration::from_secs(timeout))?;
             let body = format!("exec {}", util::shell_join(&command));
             let outcome = vm::run(&kernel, &opts, &body)?;
             if std::env::var_os("UBLK_RIG_VERBOSE").is_some() {

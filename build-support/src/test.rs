@@ -251,8 +251,7 @@ fn guest_run(
     eprintln!("\n=== guest tests on {label} ({}) ===", kernel.release);
     let attempt = || {
         guest_script(&label, binaries).and_then(|script| {
-            let mut vm_opts =
-                vm::VmOptions::new(&kernel, ws.target_dir.clone(), opts.mem_mb, opts.timeout)?;
+            let mut vm_opts = vm::VmOptions::new(&kernel, ws, opts.mem_mb, opts.timeout)?;
             if opts.stress {
                 for (k, v) in STRESS_ENV {
                     if !vm_opts.env.iter().any(|(set, _)| set == k) {

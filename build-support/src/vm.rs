@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::initramfs;
 use crate::kernel::Kernel;
-use crate::util::{self, shell_quote};
+use crate::util::{self, shell_quote, Workspace};
 
 /// Prefix of every line the rig itself prints on the guest console; such
 /// lines are not shown.
@@ -47,20 +47,20 @@ pub struct VmOptions {
     pub cwd: PathBuf,
     /// The directory shared writable with the guest (the cargo target dir).
     pub shared_rw: PathBuf,
+    /// Host directories the script needs (the workspace, the working
+    /// directory). Those under `/tmp` would be hidden by the guest's fresh
+    /// `/tmp`: the guest binds them back, read-only, at their host paths.
+    pub visible: Vec<PathBuf>,
     /// Environment variables set for the script.
     pub env: Vec<(String, String)>,
 }
 
 impl VmOptions {
     /// Default options: 2 CPUs, the given memory and timeout, the current
-    /// directory, and the environment variables the rig passes through
+    /// directory, the workspace visible and its target directory shared
+    /// writable, and the environment variables the rig passes through
     /// (`RUST_LOG`, `RUST_BACKTRACE`, `UBLK_*`) plus `UBLK_RIG_KERNEL`.
-    pub fn new(
-        kernel: &Kernel,
-        shared_rw: PathBuf,
-        mem_mb: u32,
-        timeout: Duration,
-    ) -> Result<Self> {
+    pub fn new(kernel: &Kernel, ws: &Workspace, mem_mb: u32, timeout: Duration) -> Result<Self> {
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
         let mut env: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| k == "RUST_LOG" || k == "RUST_BACKTRACE" || k.starts_with("UBLK_"))
@@ -71,8 +71,9 @@ impl VmOptions {
             timeout,
             mem_mb,
             cpus: 2,
+            visible: vec![ws.root.clone(), cwd.clone()],
             cwd,
-            shared_rw,
+            shared_rw: ws.target_dir.clone(),
             env,
         })
     }
@@ -114,10 +115,34 @@ fn command_script(opts: &VmOptions, body: &str) -> Result<String> {
     Ok(s)
 }
 
+/// The directories of `paths` that the guest's scratch `/tmp` hides (those
+/// strictly below `/tmp`), outermost first and without the ones inside
+/// another.
+fn hidden_by_scratch(paths: &[PathBuf]) -> Vec<&Path> {
+    let mut hidden: Vec<&Path> = paths
+        .iter()
+        .map(PathBuf::as_path)
+        .filter(|p| p.starts_with("/tmp") && *p != Path::new("/tmp"))
+        .collect();
+    hidden.sort_by_key(|p| p.components().count());
+    let mut outer: Vec<&Path> = Vec::new();
+    for p in hidden {
+        if !outer.iter().any(|o| p.starts_with(o)) {
+            outer.push(p);
+        }
+    }
+    outer
+}
+
 /// The guest's /init (busybox sh): mounts, modules, the chroot, the marker.
-fn init_script(kernel: &Kernel, shared_rw: &str) -> Result<String> {
+fn init_script(kernel: &Kernel, shared_rw: &str, visible: &[PathBuf]) -> Result<String> {
     let modules = util::utf8(kernel.modules.as_os_str(), "module directory")?;
     let q = |s: &str| shell_quote(s);
+    let keep = hidden_by_scratch(visible)
+        .into_iter()
+        .map(|p| util::utf8(p.as_os_str(), "workspace path").map(q))
+        .collect::<Result<Vec<_>>>()?
+        .join(" ");
     Ok(format!(
         r#"#!/bin/busybox sh
 export PATH=/bin
@@ -159,10 +184,20 @@ if [ ! -d $L/modules ]; then
 fi
 mount -t tmpfs -o mode=755 tmpfs $L/modules && mkdir -p $L/modules/{release} &&
   mount --bind "$R"{modules} $L/modules/{release} || warn "cannot bind the module tree; modprobe will not work"
-# A fresh ext4 /tmp on the scratch disk.
+# A fresh ext4 /tmp on the scratch disk. Host directories below /tmp that
+# the script needs (a workspace cloned there) are bound aside first and
+# back on top after.
+n=0
+for p in {keep}; do
+  n=$((n+1)); mkdir -p /keep/$n && mount --bind "$R$p" /keep/$n || die "cannot bind $p"
+done
 PATH={path} chroot $R mkfs.ext4 -q -F /dev/vda || die "mkfs.ext4 /dev/vda failed"
 mount -t ext4 /dev/vda $R/tmp || die "cannot mount the scratch disk on /tmp"
 chmod 1777 $R/tmp
+n=0
+for p in {keep}; do
+  n=$((n+1)); mkdir -p "$R$p" && mount --bind /keep/$n "$R$p" || die "cannot bind $p back over the scratch /tmp"
+done
 # The writable share (cargo target directory).
 S={shared}
 mkdir -p "$R$S" 2>/dev/null
@@ -192,6 +227,7 @@ sleep 10
         shared = q(shared_rw),
         started = STARTED_MARKER,
         path = GUEST_PATH,
+        keep = keep,
     ))
 }
 
@@ -344,7 +380,7 @@ pub fn run(kernel: &Kernel, opts: &VmOptions, body: &str) -> Result<Outcome> {
 
     let shared = util::utf8(opts.shared_rw.as_os_str(), "shared directory")?;
     util::create_dir_all(&opts.shared_rw)?;
-    let init = init_script(kernel, shared)?;
+    let init = init_script(kernel, shared, &opts.visible)?;
     let cmd = command_script(opts, body)?;
     let initrd = run_dir.0.join("initrd.cpio");
     initramfs::with_files(
@@ -575,6 +611,41 @@ mod tests {
     }
 
     #[test]
+    fn directories_below_tmp_are_kept_visible() {
+        let paths: Vec<PathBuf> = [
+            "/tmp/ci/main",
+            "/tmp/ci/main/ublk-rs",
+            "/work/x",
+            "/tmp",
+            "/tmpx/y",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(hidden_by_scratch(&paths), [Path::new("/tmp/ci/main")]);
+        assert!(hidden_by_scratch(&paths[2..3]).is_empty());
+
+        let kernel = Kernel {
+            suite: crate::kernel::Suite::Sid,
+            release: "7.2.13+deb14-amd64".into(),
+            package_version: "7.2.13-1".into(),
+            dir: "/c".into(),
+            vmlinuz: "/c/vmlinuz".into(),
+            modules: "/c/lib/modules/7.2.13+deb14-amd64".into(),
+        };
+        let init = init_script(&kernel, "/tmp/ci/main/target", &paths).expect("init");
+        let bind_aside = init.find("for p in /tmp/ci/main; do").expect("bind aside");
+        let scratch = init.find("mount -t ext4 /dev/vda $R/tmp").expect("scratch");
+        let bind_back = init.rfind("for p in /tmp/ci/main; do").expect("bind back");
+        let shared = init
+            .find("mount -t 9p -o trans=virtio,version=9p2000.L,msize")
+            .expect("share");
+        assert!(bind_aside < scratch && scratch < bind_back && bind_back < shared);
+        let plain = init_script(&kernel, "/w/target", &paths[2..3]).expect("init");
+        assert!(plain.contains("for p in ; do"));
+    }
+
+    #[test]
     fn command_script_quotes() {
         let opts = VmOptions {
             timeout: Duration::from_secs(1),
@@ -582,6 +653,7 @@ mod tests {
             cpus: 1,
             cwd: "/w d".into(),
             shared_rw: "/t".into(),
+            visible: vec![],
             env: vec![
                 ("RUST_LOG".into(), "a b".into()),
                 ("BAD NAME".into(), "x".into()),
@@ -612,6 +684,9 @@ mod guest_tests {
         );
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         assert!(mounts.contains(" /tmp ext4 "), "/tmp is not ext4: {mounts}");
+        // The workspace is visible at its host path, even below /tmp.
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        assert!(manifest.exists(), "{} is not visible", manifest.display());
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let dep = Path::new("/lib/modules")
             .join(release.trim())
