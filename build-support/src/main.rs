@@ -78,7 +78,8 @@ enum Cmd {
         /// The full cycle counts of the reliability issue: 1000 add/del
         /// cycles of a null device and 100 of a loop device through the
         /// CLI, 1000 in-process add/start/stop/delete cycles (the default
-        /// is 30, 15 and 200). What CI runs.
+        /// is 30, 15 and 200), on the kernel picked with --kernel, or on
+        /// sid of both. What CI runs.
         #[arg(long)]
         stress: bool,
         /// Seconds before a guest is killed.

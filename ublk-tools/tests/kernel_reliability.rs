@@ -351,27 +351,13 @@ fn e_unprivileged_device_for_its_owner_only() {
     );
 
     // Another user is refused everything, in one line.
-    let denied = "permission denied for device";
-    expect_fail(
-        "other user's list -n",
-        &ublk_as(OTHER, &["list", "-n", &ids]),
-        denied,
-    );
-    expect_fail(
-        "other user's del",
-        &ublk_as(OTHER, &["del", "-n", &ids]),
-        denied,
-    );
-    expect_fail(
-        "other user's recover",
-        &ublk_as(OTHER, &["recover", "-n", &ids]),
-        denied,
-    );
-    expect_fail(
-        "other user's stop",
-        &ublk_as(OTHER, &["stop", "-n", &ids]),
-        denied,
-    );
+    for cmd in ["list", "del", "recover", "stop"] {
+        expect_fail(
+            &format!("other user's {cmd} -n"),
+            &ublk_as(OTHER, &[cmd, "-n", &ids]),
+            "permission denied for device",
+        );
+    }
     let o = ublk_as(OTHER, &["list"]);
     assert!(o.status.success(), "{o:?}");
     assert!(
