@@ -365,14 +365,27 @@ pub fn fetch(suite: Suite) -> Result<Kernel> {
     }
 }
 
+/// The kernel release and package version recorded in `<suite>/current`
+/// by the last [`fetch`] (no network), if any.
+pub fn current(suite: Suite) -> Option<(String, String)> {
+    let text = fs::read_to_string(suite_dir(suite).ok()?.join("current")).ok()?;
+    parse_current(&text)
+}
+
+/// Parses `<suite>/current`: "RELEASE VERSION".
+fn parse_current(text: &str) -> Option<(String, String)> {
+    let (release, version) = text.trim().split_once(' ')?;
+    Some((release.to_owned(), version.to_owned()))
+}
+
 /// The kernel recorded in `<suite>/current`, if it is fully extracted.
 fn cached(suite: Suite, dir: &Path) -> Option<Kernel> {
     let text = fs::read_to_string(dir.join("current")).ok()?;
-    let (release, version) = text.trim().split_once(' ')?;
-    let kdir = dir.join("kernels").join(release);
+    let (release, version) = parse_current(&text)?;
+    let kdir = dir.join("kernels").join(&release);
     kdir.join(".complete")
         .exists()
-        .then(|| locate(suite, release, version, &kdir).ok())
+        .then(|| locate(suite, &release, &version, &kdir).ok())
         .flatten()
 }
 
@@ -519,6 +532,15 @@ mod tests {
         assert_eq!(parse_field(text, "Version").as_deref(), Some("7.2.13-1"));
         assert_eq!(parse_field(text, "Size").as_deref(), Some("164108840"));
         assert_eq!(parse_field(text, "Depends"), None);
+    }
+
+    #[test]
+    fn current_parsing() {
+        assert_eq!(
+            parse_current("7.2.13+deb14-amd64 7.2.13-1\n"),
+            Some(("7.2.13+deb14-amd64".to_owned(), "7.2.13-1".to_owned()))
+        );
+        assert_eq!(parse_current("garbage"), None);
     }
 
     #[test]

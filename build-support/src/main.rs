@@ -6,6 +6,8 @@
 //! * `test` runs lints, host tests, and the kernel-needing (`#[ignore]`d)
 //!   tests in guests.
 //! * `refresh-header` updates ublk-sys's copy of the kernel's ublk_cmd.h.
+//! * `peers` builds and caches the peer ublk servers the bench compares
+//!   against (kublk of the kernel selftests, rublk).
 
 mod bench;
 mod demo;
@@ -13,6 +15,7 @@ mod deps;
 mod header;
 mod initramfs;
 mod kernel;
+mod peers;
 mod test;
 mod util;
 mod vm;
@@ -121,6 +124,15 @@ enum Cmd {
         #[arg(long)]
         no_bindings: bool,
     },
+    /// Build (once) and cache the peer ublk servers the bench compares
+    /// against, kublk (the kernel selftests' server, from Debian sid's
+    /// linux-source) and rublk (crates.io); print their paths and versions.
+    Peers {
+        /// Look sid's package versions up again (rebuilding kublk if they
+        /// changed) even when the cached build matches the cached kernel.
+        #[arg(long)]
+        update: bool,
+    },
 }
 
 /// `--kernel` of `cargo xtask test`.
@@ -223,6 +235,27 @@ fn run(cli: Cli) -> Result<u8> {
                 out_dir,
                 no_bindings,
             })?;
+            Ok(0)
+        }
+        Cmd::Peers { update } => {
+            let peers = if update {
+                peers::update()?
+            } else {
+                peers::ensure()?
+            };
+            println!(
+                "kublk          {}  ({})",
+                peers.kublk.display(),
+                peers.kublk_version
+            );
+            if let Some(helper) = &peers.metadata_size {
+                println!("metadata_size  {}", helper.display());
+            }
+            println!(
+                "rublk          {}  ({})",
+                peers.rublk.display(),
+                peers.rublk_version
+            );
             Ok(0)
         }
     }
