@@ -74,13 +74,106 @@ impl Kind {
     }
 }
 
-/// Copy modes of our server, with the `ublk add` options selecting them.
-const MODES: [(&str, &[&str]); 5] = [
-    ("default", &[]),
-    ("user_copy", &["-u"]),
-    ("zero_copy", &["-z"]),
-    ("auto_zc", &["--auto_zc"]),
-    ("batch", &["-b"]),
+/// Which ublk server serves a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// This project's `ublk`.
+    Ours,
+    /// The kernel selftests' reference server (`UBLK_BENCH_KUBLK`).
+    Kublk,
+    /// rublk, on libublk (`UBLK_BENCH_RUBLK`).
+    Rublk,
+}
+
+impl Server {
+    /// The variant-name prefix.
+    fn prefix(self) -> &'static str {
+        match self {
+            Server::Ours => "ublk",
+            Server::Kublk => "kublk",
+            Server::Rublk => "rublk",
+        }
+    }
+
+    /// The server's binary, if it is there.
+    fn bin(self) -> Option<PathBuf> {
+        match self {
+            Server::Ours => Some(ublk_bin()),
+            Server::Kublk => std::env::var_os("UBLK_BENCH_KUBLK").map(PathBuf::from),
+            Server::Rublk => std::env::var_os("UBLK_BENCH_RUBLK").map(PathBuf::from),
+        }
+        .filter(|p| p.exists())
+    }
+}
+
+/// A server with a copy mode: the `add` options selecting it.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    server: Server,
+    /// `default`, `zero_copy`, `auto_zc`, …
+    mode: &'static str,
+    opts: &'static [&'static str],
+}
+
+impl Variant {
+    fn name(&self) -> String {
+        format!("{}-{}", self.server.prefix(), self.mode)
+    }
+}
+
+/// Every ublk variant: our copy modes, then the peers' (each server's
+/// default copy mode and its zero-copy ones).
+const VARIANTS: [Variant; 10] = [
+    Variant {
+        server: Server::Ours,
+        mode: "default",
+        opts: &[],
+    },
+    Variant {
+        server: Server::Ours,
+        mode: "user_copy",
+        opts: &["-u"],
+    },
+    Variant {
+        server: Server::Ours,
+        mode: "zero_copy",
+        opts: &["-z"],
+    },
+    Variant {
+        server: Server::Ours,
+        mode: "auto_zc",
+        opts: &["--auto_zc"],
+    },
+    Variant {
+        server: Server::Ours,
+        mode: "batch",
+        opts: &["-b"],
+    },
+    Variant {
+        server: Server::Kublk,
+        mode: "default",
+        opts: &[],
+    },
+    Variant {
+        server: Server::Kublk,
+        mode: "zero_copy",
+        opts: &["-z"],
+    },
+    Variant {
+        server: Server::Kublk,
+        mode: "auto_zc",
+        opts: &["--auto_zc"],
+    },
+    Variant {
+        server: Server::Rublk,
+        mode: "default",
+        opts: &[],
+    },
+    Variant {
+        server: Server::Rublk,
+        mode: "zero_copy",
+        opts: &["-z"],
+    },
 ];
 
 /// One fio job.
@@ -238,17 +331,34 @@ impl Filter {
 /// A device a job runs on.
 #[derive(Debug)]
 struct Dev {
-    /// `ublk-MODE` or the baseline's name.
+    /// `ublk-MODE`, `kublk-MODE`, `rublk-MODE` or the baseline's name.
     variant: String,
     path: PathBuf,
-    /// Our daemon (none for the kernel's drivers).
+    /// The ublk server's daemon (none for the kernel's drivers).
     daemon_pid: Option<i32>,
-    /// Our device id.
-    ublk_id: Option<u32>,
+    /// The ublk device id and the server that made it.
+    ublk: Option<(u32, Server)>,
     /// The kernel loop device (detached on teardown).
     loop_dev: Option<String>,
+    /// What the device runs with, read back from the kernel.
+    settings: Settings,
 }
 
+/// A device's settings as the kernel reports them, so that the report can
+/// show that every disk ran alike.
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    /// The `add` command line (without the binary's path).
+    command: String,
+    scheduler: String,
+    /// Queues and depth (`nr_hw_queues`/`queue_depth` of a ublk device,
+    /// the block layer's `nr_requests` otherwise).
+    queues: u32,
+    depth: u32,
+    max_io_kib: u32,
+    /// The ublk device flags (`UBLK_F_*`).
+    flags: Option<u64>,
+}
 /// What one fio run measured.
 #[derive(Debug, Clone, Copy, Default)]
 struct Run {
@@ -262,6 +372,7 @@ struct Run {
 #[derive(Debug, Default)]
 struct Stats {
     runs: Vec<Run>,
+    settings: Settings,
     rss_kib: Option<u64>,
     hwm_kib: Option<u64>,
 }
@@ -348,53 +459,165 @@ fn sh(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// `ublk list --json`: (dev_id, daemon_pid) of every device.
-fn ublk_list() -> Vec<(u32, i32)> {
-    let Ok(out) = sh(Command::new(ublk_bin()).args(["list", "--json"])) else {
+/// The ids of the ublk block devices there are.
+fn ublk_ids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
         return Vec::new();
     };
-    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| {
-                    Some((
-                        u32::try_from(d["dev_id"].as_u64()?).ok()?,
-                        i32::try_from(d["daemon_pid"].as_i64()?).ok()?,
-                    ))
-                })
-                .collect()
-        })
+    dir.filter_map(|e| {
+        e.ok()?
+            .file_name()
+            .to_str()?
+            .strip_prefix("ublkb")?
+            .parse()
+            .ok()
+    })
+    .collect()
+}
+
+/// `ublk list --json -n ID` (any server's device: the kernel's own info).
+fn ublk_info(id: u32) -> Option<Value> {
+    let out = sh(Command::new(ublk_bin()).args(["list", "--json", "-n", &id.to_string()])).ok()?;
+    let v: Value = serde_json::from_str(&out).ok()?;
+    match v {
+        Value::Array(mut a) if !a.is_empty() => Some(a.swap_remove(0)),
+        Value::Object(_) => Some(v),
+        _ => None,
+    }
+}
+
+/// A sysfs attribute of a block device, trimmed.
+fn sysfs(dev: &Path, attr: &str) -> String {
+    let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    std::fs::read_to_string(format!("/sys/block/{name}/{attr}"))
+        .map(|s| s.trim().to_owned())
         .unwrap_or_default()
 }
 
-/// `ublk add -t KIND -q Q -d 128 MODE… --quiet [-f BACKING]`.
-fn add_ublk(kind: Kind, queues: u32, mode: &str, opts: &[&str]) -> Result<Dev, String> {
-    let before: Vec<u32> = ublk_list().iter().map(|d| d.0).collect();
-    let mut cmd = Command::new(ublk_bin());
-    cmd.args(["add", "-t", kind.name(), "-q", &queues.to_string()])
-        .args(["-d", &DEVICE_DEPTH.to_string()])
-        .args(opts)
-        .arg("--quiet");
-    if kind == Kind::Loop {
-        cmd.args(["-f", BACKING]);
+/// The block layer's view of `dev`: the selected scheduler, largest I/O.
+fn block_settings(dev: &Path, command: String) -> Settings {
+    let sched = sysfs(dev, "queue/scheduler");
+    // "[none] mq-deadline" → "none"
+    let scheduler = sched
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .unwrap_or(&sched)
+        .to_owned();
+    Settings {
+        command,
+        scheduler,
+        queues: std::fs::read_dir(format!(
+            "/sys/block/{}/mq",
+            dev.file_name().and_then(|n| n.to_str()).unwrap_or("")
+        ))
+        .map_or(0, |d| d.count() as u32),
+        depth: sysfs(dev, "queue/nr_requests").parse().unwrap_or(0),
+        max_io_kib: sysfs(dev, "queue/max_sectors_kb").parse().unwrap_or(0),
+        flags: None,
     }
-    sh(&mut cmd)?;
-    let (id, pid) = ublk_list()
-        .into_iter()
-        .find(|d| !before.contains(&d.0))
-        .ok_or("ublk add succeeded but ublk list --json shows no new device")?;
-    let path = PathBuf::from(format!("/dev/ublkb{id}"));
+}
+
+/// Adds a ublk device served by `v.server`: `add`, null or loop on the
+/// bench's backing file, `-q QUEUES -d 128` and the variant's options;
+/// then the I/O scheduler `none`, as on every disk of the bench.
+fn add_ublk(kind: Kind, queues: u32, v: &Variant) -> Result<Dev, String> {
+    let bin = v.server.bin().ok_or_else(|| {
+        format!(
+            "no {} binary (set UBLK_BENCH_{})",
+            v.server.prefix(),
+            v.server.prefix().to_uppercase()
+        )
+    })?;
+    let before = ublk_ids();
+    let (q, d) = (queues.to_string(), DEVICE_DEPTH.to_string());
+    let mut args: Vec<&str> = vec!["add"];
+    match v.server {
+        Server::Ours => {
+            args.extend(["-t", kind.name(), "-q", &q, "-d", &d]);
+            args.extend(v.opts);
+            args.push("--quiet");
+            if kind == Kind::Loop {
+                args.extend(["-f", BACKING]);
+            }
+        }
+        // kublk takes backing files as operands after the options.
+        Server::Kublk => {
+            args.extend(["-t", kind.name(), "-q", &q, "-d", &d]);
+            args.extend(v.opts);
+            if kind == Kind::Loop {
+                args.push(BACKING);
+            }
+        }
+        // rublk: a subcommand per target.
+        Server::Rublk => {
+            args.extend([kind.name(), "-q", &q, "-d", &d]);
+            args.extend(v.opts);
+            if kind == Kind::Loop {
+                args.extend(["-f", BACKING]);
+            }
+        }
+    }
+    let mut cmd = Command::new(&bin);
+    cmd.args(&args);
+    // kublk and rublk leave a daemon behind whose stdout must not hold
+    // our pipe open.
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .status()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !out.success() {
+        return Err(format!(
+            "{} {} failed ({out})",
+            v.server.prefix(),
+            args.join(" ")
+        ));
+    }
     let t0 = Instant::now();
-    while !path.exists() && t0.elapsed() < Duration::from_secs(30) {
+    let id = loop {
+        if let Some(id) = ublk_ids().into_iter().find(|i| !before.contains(i)) {
+            break id;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err(format!(
+                "{} add made no /sys/block/ublkbN",
+                v.server.prefix()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let path = PathBuf::from(format!("/dev/ublkb{id}"));
+    // Until the device is live its pid is 0 and its disk may be missing.
+    let mut info = None;
+    while t0.elapsed() < Duration::from_secs(30) {
+        info = ublk_info(id);
+        let live = info
+            .as_ref()
+            .is_some_and(|i| i["state"] == "LIVE" && i["daemon_pid"].as_i64().unwrap_or(0) > 0);
+        if live && path.exists() {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let info = info.unwrap_or(Value::Null);
+    let name = format!("ublkb{id}");
+    if let Err(e) = std::fs::write(format!("/sys/block/{name}/queue/scheduler"), "none") {
+        eprintln!("note: cannot set the scheduler of {name} to none: {e}");
+    }
+    let mut settings = block_settings(&path, format!("{} {}", v.server.prefix(), args.join(" ")));
+    settings.queues = info["nr_hw_queues"].as_u64().unwrap_or(0) as u32;
+    settings.depth = info["queue_depth"].as_u64().unwrap_or(0) as u32;
+    settings.flags = info["flags"].as_u64();
     Ok(Dev {
-        variant: format!("ublk-{mode}"),
+        variant: v.name(),
         path,
-        daemon_pid: Some(pid),
-        ublk_id: Some(id),
+        daemon_pid: info["daemon_pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok()),
+        ublk: Some((id, v.server)),
         loop_dev: None,
+        settings,
     })
 }
 
@@ -415,11 +638,13 @@ fn add_null_blk(queues: u32) -> Result<Dev, String> {
     while !path.exists() && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let cmd = format!("modprobe null_blk queue_mode=2 irqmode=0 submit_queues={queues} hw_queue_depth={DEVICE_DEPTH}");
     Ok(Dev {
         variant: Kind::Null.baseline().into(),
+        settings: block_settings(&path, cmd),
         path,
         daemon_pid: None,
-        ublk_id: None,
+        ublk: None,
         loop_dev: None,
     })
 }
@@ -433,19 +658,24 @@ fn add_kernel_loop() -> Result<Dev, String> {
     if dio.trim() != "1" {
         eprintln!("note: {dev} is not using direct I/O (sysfs dio = {dio:?})");
     }
+    let path = PathBuf::from(&dev);
     Ok(Dev {
         variant: Kind::Loop.baseline().into(),
-        path: dev.clone().into(),
+        settings: block_settings(&path, format!("losetup --direct-io=on {BACKING}")),
+        path,
         daemon_pid: None,
-        ublk_id: None,
+        ublk: None,
         loop_dev: Some(dev),
     })
 }
 
 fn remove(dev: &Dev) {
-    if let Some(id) = dev.ublk_id {
-        if let Err(e) = sh(Command::new(ublk_bin()).args(["del", "-n", &id.to_string()])) {
+    if let Some((id, server)) = dev.ublk {
+        // Each server deletes its own device; ours can delete any.
+        let bin = server.bin().unwrap_or_else(ublk_bin);
+        if let Err(e) = sh(Command::new(&bin).args(["del", "-n", &id.to_string()])) {
             eprintln!("note: {e}");
+            let _ = sh(Command::new(ublk_bin()).args(["del", "-n", &id.to_string()]));
         }
     }
     if let Some(l) = &dev.loop_dev {
@@ -570,17 +800,17 @@ fn bench_kind(
             Err(e) => notes.push(format!("{} baseline unavailable: {e}", kind.name())),
         }
     }
-    for (mode, opts) in MODES {
-        if !wanted(&format!("ublk-{mode}")) {
+    for v in &VARIANTS {
+        if !wanted(&v.name()) {
             continue;
         }
-        match add_ublk(kind, queues, mode, opts) {
+        match add_ublk(kind, queues, v) {
             Ok(d) => devs.push(d),
             Err(e) => {
                 let msg = format!(
-                    "skipped {} {mode} ({}) on {queues} queue(s): ublk add refused it: {e}",
+                    "skipped {} {} on {queues} queue(s): {e}",
                     kind.name(),
-                    opts.join(" ")
+                    v.name(),
                 );
                 eprintln!("note: {msg}");
                 notes.push(msg);
@@ -666,6 +896,7 @@ fn bench_kind(
             }
         }
         for (dev, mut st) in selected.iter().zip(stats) {
+            st.settings = dev.settings.clone();
             if let Some(pid) = dev.daemon_pid {
                 st.rss_kib = status_kib(pid, "VmRSS:");
                 st.hwm_kib = status_kib(pid, "VmHWM:");
@@ -723,9 +954,131 @@ fn report(results: &BTreeMap<String, Stats>, notes: &[String]) -> String {
             }
         );
     }
+    s += &peers(results);
+    s += &settings(results);
     s += &targets(results);
     for n in notes {
         let _ = writeln!(s, "\nNote: {n}");
+    }
+    s
+}
+
+/// The peer comparisons: rows of a job and a copy-mode class, each
+/// server's variant of that class side by side.
+const PEER_CLASSES: [(&str, [&str; 3]); 3] = [
+    (
+        "default",
+        ["ublk-default", "kublk-default", "rublk-default"],
+    ),
+    (
+        "zero copy (--auto_zc; rublk -z)",
+        ["ublk-auto_zc", "kublk-auto_zc", "rublk-zero_copy"],
+    ),
+    (
+        "zero copy (-z)",
+        ["ublk-zero_copy", "kublk-zero_copy", "rublk-zero_copy"],
+    ),
+];
+
+/// Median over rounds of `ours`' IOPS / the best peer's in the same round.
+fn ratio_to_best(ours: &Stats, peers: &[&Stats]) -> Option<f64> {
+    let mut v: Vec<f64> = (0..ours.runs.len())
+        .filter_map(|i| {
+            let best = peers
+                .iter()
+                .filter_map(|p| p.runs.get(i))
+                .map(|r| r.ios as f64 / r.secs)
+                .max_by(f64::total_cmp)?;
+            let r = ours.runs[i];
+            Some(r.ios as f64 / r.secs / best)
+        })
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    })
+}
+
+/// The table of our server beside kublk and rublk (and the kernel's
+/// driver), every disk with the scheduler `none` and depth 128.
+fn peers(results: &BTreeMap<String, Stats>) -> String {
+    let mut groups: Vec<&str> = results
+        .keys()
+        .filter_map(|id| id.rsplit_once('/').map(|(g, _)| g))
+        .collect();
+    groups.dedup();
+    let fmt =
+        |v: Option<f64>, prec: usize| v.map_or_else(|| "–".to_owned(), |x| format!("{x:.prec$}"));
+    let mut s = format!(
+        "\n### Beside the other ublk servers\n\n{}. Every ublk disk with the I/O scheduler `none` (set after `add`) and depth 128; IOPS over the rounds; ours / best peer = median over rounds of our IOPS / the faster peer's in the same round; CPU = daemon µs per I/O.\n\n| row | kernel | ours | kublk | rublk | ours / best peer | CPU ours | CPU kublk | CPU rublk |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        std::env::var("UBLK_BENCH_PEERS").unwrap_or_else(|_| "Peers: not given".into())
+    );
+    for g in groups {
+        let base = if g.starts_with("null/") {
+            Kind::Null
+        } else {
+            Kind::Loop
+        }
+        .baseline();
+        let kernel = results.get(&format!("{g}/{base}"));
+        for (class, [ours, kublk, rublk]) in PEER_CLASSES {
+            let get = |v: &str| results.get(&format!("{g}/{v}"));
+            let (o, k, r) = (get(ours), get(kublk), get(rublk));
+            if o.is_none() || (k.is_none() && r.is_none()) {
+                continue;
+            }
+            let peers: Vec<&Stats> = [k, r].into_iter().flatten().collect();
+            let _ = writeln!(
+                s,
+                "| {g} {class} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                fmt(kernel.map(Stats::iops), 0),
+                fmt(o.map(Stats::iops), 0),
+                fmt(k.map(Stats::iops), 0),
+                fmt(r.map(Stats::iops), 0),
+                fmt(o.and_then(|o| ratio_to_best(o, &peers)), 2),
+                fmt(o.and_then(Stats::cpu_us_per_io), 1),
+                fmt(k.and_then(Stats::cpu_us_per_io), 1),
+                fmt(r.and_then(Stats::cpu_us_per_io), 1),
+            );
+        }
+    }
+    s
+}
+
+/// Every device's settings as the kernel reported them.
+fn settings(results: &BTreeMap<String, Stats>) -> String {
+    let mut s = String::from(
+        "\n### Settings of every disk\n\n| target/queues | variant | command | scheduler | queues × depth | max I/O KiB | ublk flags |\n|---|---|---|---|---|---:|---|\n",
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for (id, st) in results {
+        let mut parts = id.split('/');
+        let (kind, job, variant) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        let q = job.rsplit('-').next().unwrap_or("");
+        if !seen.insert(format!("{kind}/{q}/{variant}")) {
+            continue;
+        }
+        let t = &st.settings;
+        let _ = writeln!(
+            s,
+            "| {kind}/{q} | {variant} | `{}` | {} | {} × {} | {} | {} |",
+            t.command,
+            t.scheduler,
+            t.queues,
+            t.depth,
+            t.max_io_kib,
+            t.flags
+                .map_or_else(|| "–".to_owned(), |f| format!("{f:#x}")),
+        );
     }
     s
 }
@@ -886,9 +1239,9 @@ fn main() {
     if list_only {
         for kind in [Kind::Null, Kind::Loop] {
             for job in jobs() {
-                for v in MODES
+                for v in VARIANTS
                     .iter()
-                    .map(|(m, _)| format!("ublk-{m}"))
+                    .map(Variant::name)
                     .chain([kind.baseline().to_owned()])
                 {
                     let id = bench_id(kind, &job, &v);
@@ -912,9 +1265,9 @@ fn main() {
     let mut results = BTreeMap::new();
     let mut notes = Vec::new();
     let loop_wanted = jobs().iter().any(|j| {
-        MODES
+        VARIANTS
             .iter()
-            .map(|(m, _)| format!("ublk-{m}"))
+            .map(Variant::name)
             .chain([Kind::Loop.baseline().to_owned()])
             .any(|v| filter.matches(&bench_id(Kind::Loop, j, &v)))
     });

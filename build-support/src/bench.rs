@@ -71,6 +71,16 @@ pub fn run(opts: &BenchOptions) -> Result<u8> {
     }
     let exe = bench_executable(&String::from_utf8_lossy(&out.stdout), "fio")
         .context("cargo bench --no-run reported no fio bench executable")?;
+    // The peer servers the report compares with (built once, cached).
+    let peers =
+        crate::peers::ensure().context("cannot build the peer ublk servers kublk and rublk")?;
+    eprintln!(
+        "peers: kublk ({}) {}, rublk {} {}",
+        peers.kublk_version,
+        peers.kublk.display(),
+        peers.rublk_version,
+        peers.rublk.display()
+    );
     let kernel = crate::kernel::fetch(opts.suite)?;
     eprintln!(
         "booting {} kernel {} ({})...",
@@ -85,7 +95,7 @@ pub fn run(opts: &BenchOptions) -> Result<u8> {
     ];
     cmd.extend(opts.args.iter().cloned());
     let body = format!(
-        "export CRITERION_HOME={}\nexport UBLK_BIN={}\n{}\n",
+        "export CRITERION_HOME={}\nexport UBLK_BIN={}\nexport UBLK_BENCH_KUBLK={}\nexport UBLK_BENCH_RUBLK={}\nexport UBLK_BENCH_PEERS={}\n{}\n",
         util::shell_quote(util::utf8(
             ws.target_dir.join("criterion").as_os_str(),
             "target directory"
@@ -94,6 +104,12 @@ pub fn run(opts: &BenchOptions) -> Result<u8> {
             ws.target_dir.join("release/ublk").as_os_str(),
             "target directory"
         )?),
+        util::shell_quote(util::utf8(peers.kublk.as_os_str(), "kublk path")?),
+        util::shell_quote(util::utf8(peers.rublk.as_os_str(), "rublk path")?),
+        util::shell_quote(&format!(
+            "kublk from {}, rublk {}",
+            peers.kublk_version, peers.rublk_version
+        )),
         util::shell_join(&cmd)
     );
     // A guest oops under TCG (see `cargo xtask test`) ends the run: one

@@ -230,6 +230,7 @@ impl DeviceBuilder {
             params: None,
             armed: true,
             threads: if self.per_io() { self.threads } else { 0 },
+            affinity: QueueAffinity::default(),
         };
         dev.cdev = Some(open_char_dev(info.id())?);
         Ok(dev)
@@ -269,6 +270,33 @@ pub struct QueueInfo {
     pub affinity: Vec<usize>,
 }
 
+/// Where each queue's thread runs, given the CPUs the kernel maps to the
+/// queue (`UBLK_CMD_GET_QUEUE_AFFINITY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueAffinity {
+    /// On the first CPU of the queue's set, as kublk and rublk do: the
+    /// thread never migrates, and with one queue over all CPUs the
+    /// submitters keep the other CPUs. The default.
+    #[default]
+    FirstCpu,
+    /// Anywhere in the queue's set (the scheduler picks).
+    QueueCpus,
+    /// Not pinned.
+    Unpinned,
+}
+
+impl QueueAffinity {
+    /// The CPUs a thread of a queue mapped to `cpus` is pinned to (none:
+    /// not pinned).
+    pub fn pick(self, cpus: &[usize]) -> Vec<usize> {
+        match self {
+            Self::FirstCpu => cpus.iter().copied().min().into_iter().collect(),
+            Self::QueueCpus => cpus.to_vec(),
+            Self::Unpinned => Vec::new(),
+        }
+    }
+}
+
 /// An added device. Dropping it stops and deletes the device, unless it was
 /// handed off with [`Device::keep`].
 #[derive(Debug)]
@@ -281,6 +309,7 @@ pub struct Device {
     armed: bool,
     /// Serving threads when not one per queue (0: one per queue).
     threads: u16,
+    affinity: QueueAffinity,
 }
 
 /// Selects the I/O scheduler of the block device `/dev/ublkb{id}` by
@@ -352,6 +381,7 @@ impl Device {
             params,
             armed: false,
             threads: 0,
+            affinity: QueueAffinity::default(),
         })
     }
 
@@ -390,6 +420,12 @@ impl Device {
         self.ctrl.set_params(self.info.dev_ref(), params)?;
         self.params = Some(*params);
         Ok(())
+    }
+
+    /// Where queue threads run on the next [`Device::run`] (default
+    /// [`QueueAffinity::FirstCpu`]).
+    pub fn set_queue_affinity(&mut self, affinity: QueueAffinity) {
+        self.affinity = affinity;
     }
 
     /// Serve with `n` threads on the next [`Device::run`] (see
@@ -449,6 +485,7 @@ impl Device {
         let info = self.info;
         let mode = self.mode;
         let threads = self.threads;
+        let policy = self.affinity;
         let make_target = &make_target;
         let result = std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<Result<QueueInfo>>();
@@ -461,7 +498,7 @@ impl Device {
                 let whole_queue = threads == 0;
                 // A worker of several queues' ios is left to the scheduler.
                 let affinity = if whole_queue {
-                    ctrl.queue_affinity(dev, q_id).unwrap_or_default()
+                    policy.pick(&ctrl.queue_affinity(dev, q_id).unwrap_or_default())
                 } else {
                     Vec::new()
                 };
@@ -620,6 +657,14 @@ impl Drop for Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_affinity_picks_like_kublk() {
+        assert_eq!(QueueAffinity::FirstCpu.pick(&[3, 1, 2]), vec![1]);
+        assert_eq!(QueueAffinity::FirstCpu.pick(&[]), Vec::<usize>::new());
+        assert_eq!(QueueAffinity::QueueCpus.pick(&[0, 1]), vec![0, 1]);
+        assert_eq!(QueueAffinity::Unpinned.pick(&[0, 1]), Vec::<usize>::new());
+    }
 
     #[test]
     fn ios_are_spread_like_kublk_per_io_tasks() {

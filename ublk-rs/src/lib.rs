@@ -53,7 +53,9 @@ pub mod queue;
 pub mod target;
 
 pub use ctrl::{Control, DevInfo, DevRef, DevState};
-pub use device::{set_io_scheduler, set_io_timeout, Device, DeviceBuilder, QueueInfo, StartKind};
+pub use device::{
+    set_io_scheduler, set_io_timeout, Device, DeviceBuilder, QueueAffinity, QueueInfo, StartKind,
+};
 pub use error::{Error, Result};
 pub use features::Features;
 pub use params::{Attrs, BasicParams, DiscardParams, Params};

@@ -194,12 +194,23 @@ fn ignore_eintr(e: io::Error) -> io::Result<usize> {
 }
 
 /// Counters a queue keeps; returned when it stops.
+///
+/// `enters`, `submitted` and `completions` say how well the run loop
+/// batches: SQEs per `io_uring_enter` is `submitted / enters`, CQEs per
+/// wake-up `completions / enters`, and both per request divide by
+/// `requests`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Requests completed.
     pub requests: u64,
     /// Requests completed with an error.
     pub errors: u64,
+    /// `io_uring_enter` calls of the run loop (each submits and waits).
+    pub enters: u64,
+    /// SQEs those calls submitted.
+    pub submitted: u64,
+    /// CQEs the run loop handled.
+    pub completions: u64,
 }
 
 /// Batch I/O state of a queue.
@@ -737,8 +748,9 @@ impl<'fd> Queue<'fd> {
                 let _ = self.ring.submit();
                 break;
             }
+            self.stats.enters += 1;
             match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
+                Ok(n) => self.stats.submitted += n as u64,
                 Err(e)
                     if matches!(
                         e.raw_os_error(),
@@ -752,6 +764,7 @@ impl<'fd> Queue<'fd> {
                     .completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
+            self.stats.completions += cqes.len() as u64;
             for &(ud, res, flags) in &cqes {
                 self.on_cqe(target, ud, res, flags);
             }

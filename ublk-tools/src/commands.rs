@@ -462,6 +462,12 @@ fn serve(
             None => {}
         }
     };
+    // TEMPORARY experiment knob (bench): replaced by a CLI option.
+    match std::env::var("UBLK_EXP_AFFINITY").as_deref() {
+        Ok("queue") => dev.set_queue_affinity(ublk::QueueAffinity::QueueCpus),
+        Ok("none") => dev.set_queue_affinity(ublk::QueueAffinity::Unpinned),
+        _ => {}
+    }
     let result = match &shared {
         Some(file) => dev.run(
             if recover {
@@ -482,6 +488,19 @@ fn serve(
             on_live,
         ),
     };
+    if let Ok(stats) = &result {
+        for (q, st) in stats.iter().enumerate() {
+            let per_enter = |n: u64| n as f64 / st.enters.max(1) as f64;
+            log::info!(
+                "queue {q}: {} requests ({} failed), {} io_uring_enter calls, {:.2} SQEs and {:.2} CQEs per call",
+                st.requests,
+                st.errors,
+                st.enters,
+                per_enter(st.submitted),
+                per_enter(st.completions)
+            );
+        }
+    }
     // A recoverable device outlives its daemon unless it was stopped.
     let state_now = ctrl.dev_info(id).map(|i| i.state());
     if recovery && matches!(state_now, Ok(s) if s != ublk::DevState::Dead) {
