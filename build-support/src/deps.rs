@@ -59,7 +59,12 @@ fn qemu_backports_suite(missing: &[&str]) -> Option<String> {
     if !missing.iter().any(|p| p.starts_with("qemu-")) {
         return None;
     }
-    let installed = ["qemu-utils", "qemu-system-common", "qemu-system-x86", "qemu-block-extra"];
+    let installed = [
+        "qemu-utils",
+        "qemu-system-common",
+        "qemu-system-x86",
+        "qemu-block-extra",
+    ];
     let bpo = installed
         .iter()
         .filter_map(|p| installed_version(p).map(|v| (p, v)))
