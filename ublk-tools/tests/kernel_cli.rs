@@ -284,3 +284,58 @@ fn bad_input_one_line_no_device_left() {
     assert!(!o.status.success());
     wait_until("no device left behind", 10, || ublk_nodes().is_empty());
 }
+
+/// Runs `ublk args` with stdout a pipe whose reader is gone, as in
+/// `ublk list | head -0` once head has exited.
+fn with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = rustix::pipe::pipe().expect("pipe");
+    drop(reader);
+    Command::new(bin())
+        .args(args)
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .expect("run ublk")
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn a_closed_stdout_ends_list_features_and_add_quietly() {
+    let _cleanup = Cleanup;
+    let id = first_id(&ok(&["add", "-t", "null"]));
+    for args in [
+        &["list"][..],
+        &["list", "--json"],
+        &["list", "-a"],
+        &["features"],
+    ] {
+        let o = with_closed_stdout(args);
+        assert_eq!(o.status.code(), Some(0), "ublk {args:?}: {o:?}");
+        assert!(o.stderr.is_empty(), "ublk {args:?}: {o:?}");
+    }
+    // add prints after the device is made: the device is whole and served.
+    let before = ublk_nodes();
+    let o = with_closed_stdout(&["add", "-t", "null", "-q", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(o.stderr.is_empty(), "{o:?}");
+    let list = ok(&["list"]);
+    let new: Vec<u32> = list
+        .lines()
+        .filter_map(|l| l.strip_prefix("dev id ")?.split(':').next()?.parse().ok())
+        .filter(|&n| n != id)
+        .collect();
+    assert_eq!(new.len(), 1, "{list}");
+    assert_eq!(dev_state(new[0]), "LIVE");
+    assert_eq!(json(new[0])["nr_hw_queues"], 2);
+    assert!(ublk_nodes().len() > before.len());
+    // The pipelines of the issue, through a shell (POSIX: no PIPESTATUS).
+    let st = scratch().join("pipe-status");
+    let out = sh_out(&format!(
+        "{{ {0} list --json; echo $? > {1}.a; }} | head -0; {{ {0} features; echo $? > {1}.b; }} | true; cat {1}.a {1}.b",
+        bin(),
+        st.display()
+    ));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n0\n");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    ok(&["del", "-a"]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
