@@ -440,7 +440,9 @@ fn serve(
     if !recover {
         let mut basic = BasicParams::new(size, dev.info().max_io_buf_bytes());
         basic.logical_block_size = lbs;
-        basic.physical_block_size = lbs.max(basic.physical_block_size);
+        basic.physical_block_size = lbs
+            .max(basic.physical_block_size)
+            .max(backing.as_ref().map_or(0, |b| b.physical_block_size));
         basic.io_min = lbs;
         basic.io_opt = lbs;
         if kind == TargetKind::Loop {

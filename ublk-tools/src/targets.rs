@@ -1,9 +1,7 @@
 //! The null and loop targets.
-#![allow(unsafe_code)] // the BLKGETSIZE64/BLKSSZGET ioctls on a backing block device
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +33,8 @@ pub struct Backing {
     pub direct_io: bool,
     /// Logical block size to advertise.
     pub logical_block_size: u32,
+    /// Physical block size to advertise (at least the logical one).
+    pub physical_block_size: u32,
     /// Whether discard (punch hole) is supported.
     pub discard: bool,
     /// A block device rather than a regular file.
@@ -54,31 +54,12 @@ pub struct BackingOptions {
     pub logical_block_size: Option<u32>,
 }
 
-const BLKGETSIZE64: u64 = 0x8008_1272;
-const BLKSSZGET: u64 = 0x1268;
-
-fn blk_ioctl_u64(f: &File, req: u64) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
-    // at a live local.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), req as _, &mut v as *mut u64) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(v)
-    }
-}
-
-fn blk_ioctl_int(f: &File, req: u64) -> io::Result<u32> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points at
-    // a live local.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), req as _, &mut v as *mut libc::c_int) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(v as u32)
-    }
+/// The size of a block device: where its end is (`lseek(SEEK_END)`, what
+/// `BLKGETSIZE64` returns), without an ioctl.
+fn block_device_size(f: &File) -> io::Result<u64> {
+    let end = rustix::fs::seek(f, rustix::fs::SeekFrom::End(0))?;
+    rustix::fs::seek(f, rustix::fs::SeekFrom::Start(0))?;
+    Ok(end)
 }
 
 impl Backing {
@@ -127,13 +108,12 @@ impl Backing {
             Err(e) => bail!("cannot open backing file {shown}: {e}"),
         };
         let file_size = if is_block_device {
-            blk_ioctl_u64(&file, BLKGETSIZE64)
-                .with_context(|| format!("cannot read the size of {shown}"))?
+            block_device_size(&file).with_context(|| format!("cannot read the size of {shown}"))?
         } else {
             meta.len()
         };
         let native_lbs = if is_block_device {
-            blk_ioctl_int(&file, BLKSSZGET).unwrap_or(512)
+            rustix::fs::ioctl_blksszget(&file).unwrap_or(512)
         } else if direct_io {
             dio_alignment(&file).unwrap_or(512)
         } else {
@@ -156,6 +136,12 @@ impl Backing {
         if size % u64::from(lbs) != 0 {
             bail!("backing file {shown} is {size} bytes, not a multiple of the logical block size {lbs}");
         }
+        let physical_block_size = if is_block_device {
+            rustix::fs::ioctl_blkpbszget(&file).unwrap_or(lbs)
+        } else {
+            lbs
+        }
+        .max(lbs);
         let discard = !is_block_device && !opts.read_only && supports_punch_hole(&file);
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
         Ok(Self {
@@ -164,6 +150,7 @@ impl Backing {
             size,
             direct_io,
             logical_block_size: lbs,
+            physical_block_size,
             discard,
             is_block_device,
         })
@@ -219,6 +206,46 @@ mod tests {
         let mut f = File::create(&p).unwrap();
         f.write_all(&vec![0u8; len as usize]).unwrap();
         p
+    }
+
+    /// A block device of this host that opens read-only, with its size,
+    /// logical and physical block size from sysfs.
+    fn some_block_device() -> Option<(PathBuf, u64, u32, u32)> {
+        let read = |p: PathBuf| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+        std::fs::read_dir("/sys/block").ok()?.find_map(|e| {
+            let e = e.ok()?;
+            let sys = e.path();
+            let sectors = read(sys.join("size")).filter(|&n| n > 0)?;
+            let lbs = read(sys.join("queue/logical_block_size"))?;
+            let pbs = read(sys.join("queue/physical_block_size"))?;
+            let dev = Path::new("/dev").join(e.file_name());
+            File::open(&dev).ok()?;
+            Some((dev, sectors * 512, lbs as u32, pbs as u32))
+        })
+    }
+
+    #[test]
+    fn a_block_device_is_measured_without_unsafe_ioctls() {
+        let Some((dev, size, lbs, pbs)) = some_block_device() else {
+            println!("note: no readable block device here");
+            return;
+        };
+        let b = Backing::open(
+            &dev,
+            BackingOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(b.is_block_device);
+        assert_eq!(
+            (b.size, b.logical_block_size, b.physical_block_size),
+            (size, lbs.max(512), pbs.max(lbs).max(512)),
+            "{}",
+            dev.display()
+        );
+        assert!(!b.discard, "no discard probe on a block device");
     }
 
     fn err(p: &Path, o: BackingOptions) -> String {
