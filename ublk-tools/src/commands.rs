@@ -452,15 +452,9 @@ fn serve(
             basic.attrs |= Attrs::READ_ONLY;
         }
         let mut params = Params::basic(basic);
-        if backing.as_ref().is_some_and(|b| b.discard) {
-            params.discard = Some(DiscardParams {
-                alignment: 0,
-                granularity: 4096.max(lbs),
-                max_discard_sectors: u32::MAX >> 9,
-                max_write_zeroes_sectors: u32::MAX >> 9,
-                max_discard_segments: 1,
-            });
-        }
+        params.discard = backing
+            .as_ref()
+            .and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
         dev.set_params(&params)?;
     }
     let id = dev.id();
@@ -563,6 +557,21 @@ fn serve(
         DeviceState::remove(id);
     }
     result.map(drop).map_err(Into::into)
+}
+
+/// The discard parameters of a loop device whose backing file can punch
+/// holes (`discard`) and zero ranges (`write_zeroes`): each request type is
+/// offered only where the file can do it (the kernel then emulates
+/// WRITE_ZEROES with writes of zeroes); `None` for neither.
+pub fn discard_params(discard: bool, write_zeroes: bool, lbs: u32) -> Option<DiscardParams> {
+    let sectors = |on: bool| if on { u32::MAX >> 9 } else { 0 };
+    (discard || write_zeroes).then(|| DiscardParams {
+        alignment: 0,
+        granularity: 4096.max(lbs),
+        max_discard_sectors: sectors(discard),
+        max_write_zeroes_sectors: sectors(write_zeroes),
+        max_discard_segments: 1,
+    })
 }
 
 /// SIGTERM/SIGINT/SIGHUP: stop and delete the device, or, with recovery,
@@ -941,6 +950,21 @@ mod tests {
         );
         assert_eq!(lines[2], "\tqueue 0: tid 179 affinity(0 1)");
         assert_eq!(lines[3], "\ttarget null size 268435456000");
+    }
+
+    #[test]
+    fn write_zeroes_is_offered_only_where_the_file_zeroes_ranges() {
+        assert!(discard_params(false, false, 512).is_none());
+        let tmpfs = discard_params(true, false, 512).unwrap();
+        assert_eq!(
+            (tmpfs.max_discard_sectors, tmpfs.max_write_zeroes_sectors),
+            (u32::MAX >> 9, 0)
+        );
+        let ext4 = discard_params(true, true, 4096).unwrap();
+        assert_eq!(
+            (ext4.max_write_zeroes_sectors, ext4.granularity),
+            (u32::MAX >> 9, 4096)
+        );
     }
 
     fn with(dev: crate::cli::DevOptions) -> AddArgs {

@@ -339,3 +339,61 @@ fn a_closed_stdout_ends_list_features_and_add_quietly() {
     ok(&["del", "-a"]);
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
 }
+
+/// Lazily unmounts a mount point when dropped (before the devices on it
+/// are deleted, so a lazy one).
+struct Unmount(String);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", &self.0]).status();
+    }
+}
+
+/// The kernel log since `marker` was written to /dev/kmsg.
+fn dmesg_since(marker: &str) -> String {
+    let all = sh("dmesg");
+    match all.rfind(marker) {
+        Some(i) => all[i + marker.len()..].to_owned(),
+        None => all,
+    }
+}
+
+fn queue_limit(id: u32, name: &str) -> u64 {
+    sh(&format!("cat /sys/block/ublkb{id}/queue/{name}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn loop_on_tmpfs_offers_no_write_zeroes_and_mkfs_xfs_logs_no_error() {
+    let _cleanup = Cleanup;
+    // On the guest's /tmp (ext4) the file zeroes ranges: WRITE_ZEROES is on.
+    let (_, id) = add_loop("wz.img", "64M", &[]);
+    assert!(queue_limit(id, "write_zeroes_max_bytes") > 0);
+    assert!(queue_limit(id, "discard_max_bytes") > 0);
+    ok(&["del", "-n", &id.to_string()]);
+
+    let mnt = format!("/tmp/mnt-tmpfs-{}", std::process::id());
+    sh(&format!(
+        "mkdir -p {mnt} && mount -t tmpfs -o size=600M tmpfs {mnt} && truncate -s 512M {mnt}/disk.img"
+    ));
+    let _unmount = Unmount(mnt.clone());
+    let id = first_id(&ok(&["add", "-t", "loop", &format!("{mnt}/disk.img")]));
+    // tmpfs punches holes (discard) but cannot zero ranges.
+    assert_eq!(queue_limit(id, "write_zeroes_max_bytes"), 0);
+    assert!(queue_limit(id, "discard_max_bytes") > 0);
+    let marker = format!("ublk-test-mkfs-xfs-on-tmpfs-{}", std::process::id());
+    sh(&format!("echo {marker} > /dev/kmsg"));
+    sh(&format!("mkfs.xfs -q -f /dev/ublkb{id}"));
+    sh(&format!("xfs_repair -n /dev/ublkb{id}"));
+    let log = dmesg_since(&marker);
+    assert!(
+        !log.contains("operation not supported error"),
+        "the kernel logged: {log}"
+    );
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
