@@ -6,6 +6,7 @@
 //! * `test` runs lints, host tests, and the kernel-needing (`#[ignore]`d)
 //!   tests in guests.
 //! * `refresh-header` updates ublk-sys's copy of the kernel's ublk_cmd.h.
+//! * `man` writes the commands' man pages into `target/man/`.
 
 mod bench;
 mod demo;
@@ -13,6 +14,7 @@ mod deps;
 mod header;
 mod initramfs;
 mod kernel;
+mod man;
 mod test;
 mod util;
 mod vm;
@@ -104,6 +106,13 @@ enum Cmd {
         /// criterion's filter (a regex over TARGET/JOB/VARIANT) and options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Write the man pages of ublk (one per subcommand too), ublk-loop and
+    /// ublk-null, generated from their clap definitions, into target/man/.
+    Man {
+        /// Write them here instead.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
     },
     /// Update ublk-sys/include/ublk_cmd.h from Debian's newest kernel source.
     RefreshHeader {
@@ -209,6 +218,16 @@ fn run(cli: Cli) -> Result<u8> {
                 mem_mb: mem,
                 args,
             })
+        }
+        Cmd::Man { out_dir } => {
+            let dir = match out_dir {
+                Some(d) => d,
+                None => util::Workspace::locate()?.target_dir.join("man"),
+            };
+            for page in man::generate(&dir)? {
+                println!("{}", page.display());
+            }
+            Ok(0)
         }
         Cmd::RefreshHeader {
             suite,
