@@ -534,3 +534,28 @@ fn completions_for_each_program_and_shell() {
     );
     assert!(r.stdout.is_empty());
 }
+
+#[test]
+fn the_udev_rule_asks_ublk_user_id_about_each_device() {
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/udev/99-ublk-unprivileged.rules"
+    ))
+    .unwrap();
+    let rules: Vec<&str> = rules
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#"KERNEL=="ublk-control", MODE="0666", OPTIONS+="static_node=ublk-control""#,
+            r#"ACTION=="add", KERNEL=="ublk[bc][0-9]*", PROGRAM="/usr/local/bin/ublk user_id %k", OWNER="%c{1}", GROUP="%c{2}", MODE="0660""#,
+        ]
+    );
+    // What udev's %k is for a device's nodes: each is taken (and then
+    // needs the driver).
+    for name in ["ublkc0", "ublkb0", "ublkb12p3"] {
+        refused(UBLK, &["user_id", name], 1, &no_driver("ublk"));
+    }
+}
