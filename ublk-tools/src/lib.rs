@@ -73,22 +73,39 @@ pub fn say(prog: &str, msg: &str) {
 
 /// `ublk`'s `main`: parses the command line and runs it.
 pub fn main_ublk() -> ExitCode {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "__daemon") {
-        return match cli::DaemonCli::try_parse_from(&args[1..]) {
-            Ok(d) => run_as("ublk", cli::Command::Daemon(d.args)),
-            Err(e) => clap_exit("ublk", &e),
-        };
+    if let Some(code) = daemon_entry("ublk") {
+        return code;
     }
-    match cli::Cli::try_parse_from(args) {
+    match cli::Cli::try_parse() {
         Ok(cli) => run(cli),
         Err(e) => clap_exit("ublk", &e),
     }
 }
 
+/// `PROGRAM __daemon [--recover] JSON`: the daemon `add` starts by running
+/// its own executable again, which may be `ublk`, `ublk-loop` or
+/// `ublk-null`. `None` for any other command line.
+fn daemon_entry(prog: &str) -> Option<ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_none_or(|a| a != "__daemon") {
+        return None;
+    }
+    Some(match cli::DaemonCli::try_parse_from(&args[1..]) {
+        Ok(d) => run_as(prog, cli::Command::Daemon(d.args)),
+        Err(e) => clap_exit(prog, &e),
+    })
+}
+
 /// `ublk-loop`'s and `ublk-null`'s `main`: `ublk add -t TARGET` with the
 /// target fixed, under the program's own name.
 pub fn main_fixed_target(target: cli::TargetKind) -> ExitCode {
+    let prog = match target {
+        cli::TargetKind::Null => "ublk-null",
+        cli::TargetKind::Loop => "ublk-loop",
+    };
+    if let Some(code) = daemon_entry(prog) {
+        return code;
+    }
     let (prog, parsed) = match target {
         cli::TargetKind::Null => (
             "ublk-null",

@@ -523,16 +523,39 @@ fn completions_for_each_program_and_shell() {
         assert!(bash.contains(word), "{word}");
     }
     assert!(!bash.contains("__daemon"));
-    // The internal daemon entry point is there all the same.
-    let r = run(UBLK, &["__daemon", "not json"]);
-    assert_eq!(
-        (r.code, r.stderr.as_str()),
-        (
+}
+
+#[test]
+fn the_daemon_entry_point_is_in_every_program() {
+    // Hidden from help and completions, but there: `add` runs its own
+    // executable again as the daemon, ublk-null and ublk-loop included.
+    for (bin, name) in [
+        (UBLK, "ublk"),
+        (UBLK_NULL, "ublk-null"),
+        (UBLK_LOOP, "ublk-loop"),
+    ] {
+        refused(
+            bin,
+            &["__daemon", "not json"],
             1,
-            "ublk: bad daemon arguments: expected ident at line 1 column 2\n"
-        )
-    );
-    assert!(r.stdout.is_empty());
+            &format!("{name}: bad daemon arguments: expected ident at line 1 column 2"),
+        );
+        // The daemon of a valid request gets as far as the driver, and
+        // tells `add` why it stopped in its JSON report on stdout.
+        let a = <ublk_tools::cli::NullCli as clap::Parser>::try_parse_from(["ublk-null"])
+            .unwrap()
+            .into_add_args();
+        let json = serde_json::to_string(&a).unwrap();
+        let s = Scratch::new("daemon");
+        let r = run_with(bin, &["__daemon", &json], Path::new(MISSING), &s.state());
+        assert_eq!(r.code, 1, "{r:?}");
+        let report: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(
+            report["error"].as_str().map(|e| format!("{name}: {e}")),
+            Some(no_driver(name)),
+            "{r:?}"
+        );
+    }
 }
 
 #[test]

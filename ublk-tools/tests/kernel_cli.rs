@@ -397,3 +397,31 @@ fn loop_on_tmpfs_offers_no_write_zeroes_and_mkfs_xfs_logs_no_error() {
     ok(&["del", "-n", &id.to_string()]);
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
 }
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn ublk_null_and_ublk_loop_add_devices_through_their_daemon() {
+    let _cleanup = Cleanup;
+    // `add` runs its own executable again as the daemon: here the wrapper.
+    let o = Command::new(env!("CARGO_BIN_EXE_ublk-null"))
+        .args(["-q", "2"])
+        .output()
+        .expect("run ublk-null");
+    let null = first_id(&succeeded("ublk-null -q 2", o));
+    let img = image("wrapper.img", "64M");
+    let o = Command::new(env!("CARGO_BIN_EXE_ublk-loop"))
+        .arg(&img)
+        .output()
+        .expect("run ublk-loop");
+    let lo = first_id(&succeeded("ublk-loop FILE", o));
+    for (id, target) in [(null, "null"), (lo, "loop")] {
+        assert_eq!(dev_state(id), "LIVE");
+        assert_eq!(json(id)["target"], target);
+    }
+    assert_eq!(json(null)["nr_hw_queues"], 2);
+    sh(&format!(
+        "dd if=/dev/zero of=/dev/ublkb{lo} bs=64k count=16 oflag=direct status=none"
+    ));
+    ok(&["del", "-a"]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
