@@ -10,7 +10,7 @@
 //! `src/bindings.rs`:
 //!
 //! ```text
-//! UBLK_SYS_UPDATE_BINDINGS=1 cargo build -p ublk-sys --features bindgen
+//! UBLK_SYS_UPDATE_BINDINGS=1 cargo build -p ublk-rs-sys --features bindgen
 //! ```
 
 fn main() {

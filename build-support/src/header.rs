@@ -102,7 +102,7 @@ pub fn refresh(opts: &RefreshOptions) -> Result<()> {
     eprintln!("regenerating the ublk-sys bindings...");
     util::run(
         util::cargo()
-            .args(["build", "-p", "ublk-sys", "--features", "bindgen"])
+            .args(["build", "-p", "ublk-rs-sys", "--features", "bindgen"])
             .env("UBLK_SYS_UPDATE_BINDINGS", "1")
             .current_dir(&ws.root),
     )

@@ -8,6 +8,7 @@
 //! * `refresh-header` updates ublk-sys's copy of the kernel's ublk_cmd.h.
 //! * `peers` builds and caches the peer ublk servers the bench compares
 //!   against (kublk of the kernel selftests, rublk).
+//! * `man` writes the commands' man pages into `target/man/`.
 
 mod bench;
 mod demo;
@@ -15,6 +16,7 @@ mod deps;
 mod header;
 mod initramfs;
 mod kernel;
+mod man;
 mod peers;
 mod test;
 mod util;
@@ -107,6 +109,13 @@ enum Cmd {
         /// criterion's filter (a regex over TARGET/JOB/VARIANT) and options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Write the man pages of ublk (one per subcommand too), ublk-loop and
+    /// ublk-null, generated from their clap definitions, into target/man/.
+    Man {
+        /// Write them here instead.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
     },
     /// Update ublk-sys/include/ublk_cmd.h from Debian's newest kernel source.
     RefreshHeader {
@@ -221,6 +230,16 @@ fn run(cli: Cli) -> Result<u8> {
                 mem_mb: mem,
                 args,
             })
+        }
+        Cmd::Man { out_dir } => {
+            let dir = match out_dir {
+                Some(d) => d,
+                None => util::Workspace::locate()?.target_dir.join("man"),
+            };
+            for page in man::generate(&dir)? {
+                println!("{}", page.display());
+            }
+            Ok(0)
         }
         Cmd::RefreshHeader {
             suite,

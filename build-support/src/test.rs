@@ -112,6 +112,43 @@ fn cargo_step(
     });
 }
 
+/// The arguments of the packaging check: every publishable crate packaged
+/// and built from its package as crates.io would, the not yet published
+/// path dependencies served from a local registry (`--workspace`, Cargo
+/// 1.90+). `--allow-dirty`: it checks the work tree, committed or not.
+pub const PUBLISH_DRY_RUN: [&str; 4] = ["publish", "--workspace", "--dry-run", "--allow-dirty"];
+
+/// Whether `cargo publish --help` (its text) offers `--workspace`.
+pub fn publish_has_workspace(help: &str) -> bool {
+    help.lines()
+        .any(|l| l.trim_start().split([' ', ',']).any(|w| w == "--workspace"))
+}
+
+/// `cargo publish --workspace --dry-run`, or a printed reason to skip it
+/// where this cargo has no `publish --workspace`.
+fn publish_dry_run(ws: &Workspace, rows: &mut Vec<Row>) {
+    let help = util::output(
+        util::cargo()
+            .args(["publish", "--help"])
+            .current_dir(&ws.root),
+    )
+    .unwrap_or_default();
+    if !publish_has_workspace(&help) {
+        let version = util::output(util::cargo().arg("--version")).unwrap_or_default();
+        eprintln!(
+            "\n=== cargo publish --dry-run ===\nskipped: {} has no `cargo publish --workspace` (Cargo 1.90 or newer has), which the dry run of crates whose path dependencies are not published yet needs",
+            version.trim()
+        );
+        rows.push(Row {
+            kernel: "host".into(),
+            binary: "cargo publish --dry-run (skipped: cargo < 1.90)".into(),
+            result: "ok".into(),
+        });
+        return;
+    }
+    cargo_step(ws, "cargo publish --dry-run", &PUBLISH_DRY_RUN, &[], rows);
+}
+
 /// Builds the test binaries (and the workspace's binaries) and lists them.
 fn build_test_binaries(ws: &Workspace) -> Result<Vec<TestBinary>> {
     eprintln!("\n=== building test binaries ===");
@@ -199,6 +236,7 @@ pub fn run(opts: &TestOptions) -> Result<bool> {
         &[],
         &mut rows,
     );
+    publish_dry_run(&ws, &mut rows);
 
     if !opts.host_only {
         match build_test_binaries(&ws) {
@@ -405,6 +443,15 @@ not json"#;
                 },
             ]
         );
+    }
+
+    #[test]
+    fn publish_workspace_flag_is_recognised() {
+        let new = "Options:\n      --dry-run  Perform all checks without uploading\n      --workspace  Package all packages in the workspace\n";
+        let old = "Options:\n      --dry-run  Perform all checks without uploading\n  -p, --package [<SPEC>]  Package to publish\n";
+        assert!(publish_has_workspace(new));
+        assert!(!publish_has_workspace(old));
+        assert_eq!(PUBLISH_DRY_RUN[..2], ["publish", "--workspace"]);
     }
 
     #[test]

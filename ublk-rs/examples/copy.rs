@@ -4,7 +4,7 @@
 //! and can complete the request at once.
 //!
 //! ```text
-//! cargo build -p ublk --example copy
+//! cargo build -p ublk-rs --example copy
 //! sudo target/debug/examples/copy 64M      # prints /dev/ublkbN once live
 //! sudo fio --filename=/dev/ublkbN --name=v --direct=1 --rw=randwrite --verify=crc32c --size=32M
 //! # Ctrl-C (or SIGTERM, or `ublk del -n N`) stops and deletes the device

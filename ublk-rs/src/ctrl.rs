@@ -19,6 +19,50 @@ use crate::{Error, Features, Result};
 /// The path of the control device.
 pub const CONTROL_PATH: &str = "/dev/ublk-control";
 
+/// The major number of Linux misc devices, ublk-control among them.
+const MISC_MAJOR: u32 = 10;
+
+/// Refuses a control path that is not a misc character device.
+fn check_control_node(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => Error::NoDriver {
+            path: path.to_owned(),
+        },
+        _ => Error::Open {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    let t = meta.file_type();
+    let what = if t.is_char_device() {
+        let (major, minor) = (
+            rustix::fs::major(meta.rdev()),
+            rustix::fs::minor(meta.rdev()),
+        );
+        if major == MISC_MAJOR {
+            return Ok(());
+        }
+        format!("the character device {major}:{minor}")
+    } else if t.is_file() {
+        "a regular file".to_owned()
+    } else if t.is_dir() {
+        "a directory".to_owned()
+    } else if t.is_block_device() {
+        "a block device".to_owned()
+    } else if t.is_fifo() {
+        "a FIFO".to_owned()
+    } else if t.is_socket() {
+        "a socket".to_owned()
+    } else {
+        "not a character device".to_owned()
+    };
+    Err(Error::NotControlDevice {
+        path: path.to_owned(),
+        what,
+    })
+}
+
 /// The path of device `id`'s char device.
 pub fn char_dev_path(id: u32) -> PathBuf {
     PathBuf::from(format!("/dev/ublkc{id}"))
@@ -164,9 +208,13 @@ impl Control {
         Self::open_path(CONTROL_PATH)
     }
 
-    /// Opens the control device at `path`.
+    /// Opens the control device at `path`: it must be a misc character
+    /// device (major 10), as ublk_drv's is; anything else, a regular file
+    /// left at `/dev/ublk-control` for instance, is refused with
+    /// [`Error::NotControlDevice`] before it is opened.
     pub fn open_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        check_control_node(path)?;
         let fd: OwnedFd = OpenOptions::new()
             .read(true)
             .write(true)
@@ -559,4 +607,35 @@ fn path_prefixed(id: u32, payload: Option<&[u8]>) -> Result<Vec<u8>> {
     let mut buf = path.into_bytes_with_nul();
     buf.extend_from_slice(payload.unwrap_or_default());
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(path: &str) -> String {
+        match Control::open_path(path) {
+            Ok(_) => panic!("{path} was taken for the control device"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn only_a_misc_character_device_is_taken_for_the_driver() {
+        let file = std::env::temp_dir().join(format!("ublk-control-{}", std::process::id()));
+        std::fs::write(&file, b"").unwrap();
+        let shown = file.display().to_string();
+        assert_eq!(
+            refused(&shown),
+            format!("{shown} is a regular file, not ublk_drv's control device (a misc character device): load the ublk_drv kernel module (modprobe ublk_drv)")
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            refused(&shown),
+            format!("{shown} not found: load the ublk_drv kernel module (modprobe ublk_drv)")
+        );
+        assert!(refused("/dev/null")
+            .starts_with("/dev/null is the character device 1:3, not ublk_drv's control device"));
+        assert!(refused("/").starts_with("/ is a directory, not"));
+    }
 }

@@ -15,6 +15,15 @@ pub enum Error {
         /// The path that was tried.
         path: PathBuf,
     },
+    /// The control path exists but is not ublk_drv's control device (a
+    /// regular file left there, or another character device).
+    #[error("{path} is {what}, not ublk_drv's control device (a misc character device): load the ublk_drv kernel module (modprobe ublk_drv)")]
+    NotControlDevice {
+        /// The path that was tried.
+        path: PathBuf,
+        /// What it is instead, e.g. `a regular file`.
+        what: String,
+    },
     /// Opening a device node failed.
     #[error("cannot open {path}: {source}")]
     Open {
@@ -62,8 +71,14 @@ fn dev_suffix(dev_id: Option<u32>) -> String {
         .unwrap_or_default()
 }
 
+/// `Operation not supported (errno 95)`: the C library's text once, then
+/// the number (std's `Display` would add its own "(os error 95)").
 fn errno_text(errno: i32) -> String {
-    format!("{} (errno {errno})", io::Error::from_raw_os_error(errno))
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    let text = text
+        .strip_suffix(&format!(" (os error {errno})"))
+        .unwrap_or(&text);
+    format!("{text} (errno {errno})")
 }
 
 impl Error {
@@ -83,3 +98,21 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_error_names_its_errno_once() {
+        let e = Error::Command {
+            cmd: "UBLK_U_CMD_ADD_DEV",
+            dev_id: Some(3),
+            errno: libc::EOPNOTSUPP,
+        };
+        assert_eq!(
+            e.to_string(),
+            "UBLK_U_CMD_ADD_DEV failed for device 3: Operation not supported (errno 95)"
+        );
+    }
+}

@@ -50,6 +50,7 @@ pub mod mem;
 pub mod params;
 mod pod;
 pub mod queue;
+pub mod size;
 pub mod target;
 
 pub use ctrl::{Control, DevInfo, DevRef, DevState};
@@ -60,6 +61,7 @@ pub use error::{Error, Result};
 pub use features::Features;
 pub use params::{Attrs, BasicParams, DiscardParams, Params};
 pub use queue::{CopyMode, Queue, QueueStats, Submit};
+pub use size::{parse_size, SizeError};
 pub use target::{FileTarget, Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
 
 /// Re-exported so targets can build SQEs with the same io-uring version.

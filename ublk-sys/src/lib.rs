@@ -17,7 +17,7 @@
 //! identical. To refresh the committed copy:
 //!
 //! ```text
-//! UBLK_SYS_UPDATE_BINDINGS=1 cargo build -p ublk-sys --features bindgen
+//! UBLK_SYS_UPDATE_BINDINGS=1 cargo build -p ublk-rs-sys --features bindgen
 //! ```
 //!
 //! Integer macros are `u32`, except the `UBLK_F_*` feature bits (and values

@@ -250,7 +250,7 @@ fn committed_bindings_are_fresh() {
         panic!(
             "ublk-sys/src/bindings.rs is stale (first difference at line {}:\n  \
              bindgen:   {}\n  committed: {}).\n\
-             Refresh it with: UBLK_SYS_UPDATE_BINDINGS=1 cargo build -p ublk-sys --features bindgen",
+             Refresh it with: UBLK_SYS_UPDATE_BINDINGS=1 cargo build -p ublk-rs-sys --features bindgen",
             line + 1,
             g,
             c

@@ -3,17 +3,44 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
+
+/// What every command's help ends with: exit status and environment.
+pub const AFTER_HELP: &str = "\
+Exit status: 0 on success (also when stdout is closed early, as in `ublk list | head -1`), \
+1 when the command failed (driver, kernel, files, devices), \
+2 for bad usage (unknown or conflicting options, values out of range).
+
+Environment: UBLK_CONTROL is the control device to open instead of /dev/ublk-control; \
+UBLK_STATE_DIR the state directory (default /run/ublk for root, else \
+$XDG_RUNTIME_DIR/ublk or /tmp/ublk-UID); RUST_LOG the log filter (default warn; \
+--debug_mask overrides it).";
+
+/// The unit rules of every size option.
+pub fn sizes_help() -> String {
+    format!("Sizes: {}.", ublk::size::SIZE_SYNTAX)
+}
+
+/// What the help of `add`, `recover` and the wrappers ends with.
+pub fn add_after_help() -> String {
+    format!("{}\n\n{AFTER_HELP}", sizes_help())
+}
 
 /// `ublk`: create, list and remove ublk block devices.
 #[derive(Debug, Parser)]
 #[command(
     name = "ublk",
+    bin_name = "ublk",
     version,
-    about = "Create, list and remove ublk userspace block devices"
+    disable_version_flag = true,
+    about = "Create, list and remove ublk userspace block devices",
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
+    /// Print the version (also -V).
+    #[arg(short = 'v', long = "version", short_alias = 'V', action = ArgAction::Version)]
+    pub version: Option<bool>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -23,24 +50,35 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Add a device served by a daemon (or this process with --foreground).
+    #[command(mut_arg("target", |a| a.required(true)), after_help = add_after_help())]
     Add(AddArgs),
     /// Delete devices.
     Del(DelArgs),
     /// Stop a device (its daemon exits and deletes it).
     Stop(StopArgs),
-    /// List devices.
+    /// List devices (all of them unless -n is given).
     List(ListArgs),
     /// Print the kernel driver's features.
     Features,
-    /// Start a new daemon for a device whose daemon died or was quiesced.
+    /// Start a new daemon for a device whose daemon died or was quiesced
+    /// (the add options are read from its state file unless -t is given).
+    #[command(after_help = add_after_help())]
     Recover(AddArgs),
     /// Quiesce a device for a daemon hand-over (needs -r 1).
     Quiesce(IdArg),
     /// Resize a live device.
-    #[command(name = "update_size", alias = "update-size")]
+    #[command(name = "update_size", alias = "update-size", after_help = sizes_help())]
     UpdateSize(UpdateSizeArgs),
-    /// Internal: the daemon `add` starts.
-    #[command(name = "__daemon", hide = true)]
+    /// Print a shell completion script for ublk, ublk-loop or ublk-null.
+    Completions(CompletionsArgs),
+    /// Print the owner's uid and gid of a device, for udev rules (see
+    /// README: unprivileged devices).
+    #[command(name = "user_id", alias = "user-id")]
+    UserId(UserIdArgs),
+    /// Internal: the daemon `add` starts, `ublk __daemon [--recover] JSON`.
+    /// Parsed before clap ([`DaemonCli`]), so it shows in no help, man page
+    /// or completion.
+    #[command(skip)]
     Daemon(DaemonArgs),
 }
 
@@ -54,20 +92,36 @@ pub enum TargetKind {
     Loop,
 }
 
-/// Options of `add` and `recover`.
+/// Options of `add` and `recover`: the target, the device options, and the
+/// loop target's backing file.
 #[derive(Debug, Clone, Args, Serialize, Deserialize, Default)]
 pub struct AddArgs {
     /// Target type.
     #[arg(short = 't', long = "type")]
     pub target: Option<TargetKind>,
+    /// Everything but the target and its file.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dev: DevOptions,
+    /// The backing file.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub backing: BackingArgs,
+}
+
+/// The device options `add`, `recover`, `ublk-loop` and `ublk-null` share.
+/// Long names are kublk's (underscores); the hyphenated spellings and
+/// ublksrv's names are accepted too.
+#[derive(Debug, Clone, Args, Serialize, Deserialize, Default)]
+pub struct DevOptions {
     /// Device id (default: the next free one; required by recover).
     #[arg(short = 'n', long = "number")]
     pub id: Option<u32>,
-    /// Number of hardware queues.
-    #[arg(short = 'q', long = "queues", default_value_t = 1)]
+    /// Number of hardware queues (1..=4096).
+    #[arg(short = 'q', long = "queues", default_value_t = 1, value_parser = parse_queues)]
     pub queues: u16,
     /// Queue depth (1..=4096).
-    #[arg(short = 'd', long = "depth", default_value_t = 128)]
+    #[arg(short = 'd', long = "depth", default_value_t = 128, value_parser = parse_depth)]
     pub depth: u16,
     /// Serve in this process instead of a daemon.
     #[arg(long)]
@@ -76,7 +130,7 @@ pub struct AddArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Zero copy (UBLK_F_SUPPORT_ZERO_COPY).
-    #[arg(short = 'z', long = "zero_copy", alias = "zero-copy")]
+    #[arg(short = 'z', long = "zero_copy", aliases = ["zero-copy", "zerocopy"])]
     pub zero_copy: bool,
     /// Automatic buffer registration (UBLK_F_AUTO_BUF_REG).
     #[arg(long = "auto_zc", alias = "auto-zc")]
@@ -85,25 +139,27 @@ pub struct AddArgs {
     #[arg(long = "auto_zc_fallback", alias = "auto-zc-fallback")]
     pub auto_zc_fallback: bool,
     /// User copy (UBLK_F_USER_COPY).
-    #[arg(short = 'u', long = "user_copy", alias = "user-copy")]
+    #[arg(short = 'u', long = "user_copy", aliases = ["user-copy", "usercopy"])]
     pub user_copy: bool,
-    /// Writes arrive before their data (UBLK_F_NEED_GET_DATA).
-    #[arg(short = 'g', long = "need_get_data", alias = "need-get-data")]
+    /// Writes arrive before their data (UBLK_F_NEED_GET_DATA; also --get_data).
+    #[arg(short = 'g', long = "need_get_data", aliases = ["need-get-data", "get_data", "get-data"])]
     pub need_get_data: bool,
-    /// User recovery (UBLK_F_USER_RECOVERY).
-    #[arg(short = 'r', long = "recovery", value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
+    /// User recovery (UBLK_F_USER_RECOVERY; also --user_recovery).
+    #[arg(short = 'r', long = "recovery", aliases = ["user_recovery", "user-recovery"], value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
     pub recovery: u8,
-    /// With -r 1: fail I/O while no daemon is attached (UBLK_F_USER_RECOVERY_FAIL_IO).
-    #[arg(short = 'e', long = "recovery_fail_io", value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
+    /// With -r 1: fail I/O while no daemon is attached
+    /// (UBLK_F_USER_RECOVERY_FAIL_IO; also --user_recovery_fail_io).
+    #[arg(short = 'e', long = "recovery_fail_io", aliases = ["recovery-fail-io", "user_recovery_fail_io", "user-recovery-fail-io"], value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
     pub recovery_fail_io: u8,
-    /// With -r 1: reissue in-flight I/O after recovery (UBLK_F_USER_RECOVERY_REISSUE).
-    #[arg(short = 'i', long = "recovery_reissue", value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
+    /// With -r 1: reissue in-flight I/O after recovery
+    /// (UBLK_F_USER_RECOVERY_REISSUE; also --user_recovery_reissue).
+    #[arg(short = 'i', long = "recovery_reissue", aliases = ["recovery-reissue", "user_recovery_reissue", "user-recovery-reissue"], value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
     pub recovery_reissue: u8,
     /// Batch I/O (UBLK_F_BATCH_IO).
     #[arg(short = 'b', long = "batch")]
     pub batch: bool,
     /// Number of I/O threads (default: one per queue).
-    #[arg(long = "nthreads")]
+    #[arg(long = "nthreads", value_parser = parse_threads)]
     pub nthreads: Option<u16>,
     /// One task per I/O tag (UBLK_F_PER_IO_DAEMON).
     #[arg(long = "per_io_tasks", alias = "per-io-tasks")]
@@ -126,18 +182,31 @@ pub struct AddArgs {
     #[arg(long = "buffered_io", alias = "buffered-io")]
     pub buffered_io: bool,
     /// Export the device read-only.
-    #[arg(long = "read-only", alias = "read_only")]
+    #[arg(long = "read_only", alias = "read-only")]
     pub read_only: bool,
-    /// Logical block size in bytes.
-    #[arg(long = "logical-block-size", alias = "logical_block_size")]
+    /// Logical block size: 512, 1024, 2048 or 4096 (default: the backing
+    /// file's, else 512).
+    #[arg(long = "logical_block_size", alias = "logical-block-size", value_parser = parse_logical_block_size)]
     pub logical_block_size: Option<u32>,
-    /// Largest request in bytes, a multiple of 4096 up to 32 MiB (default
+    /// Largest request (a size): a multiple of 4096 up to 32 MiB (default
     /// 512 KiB; 1 MiB with -z or --auto_zc, which need no buffers).
-    #[arg(long = "max_io_buf_bytes", alias = "max-io-buf-bytes", value_parser = parse_size)]
+    #[arg(long = "max_io_buf_bytes", alias = "max-io-buf-bytes", value_name = "SIZE", value_parser = parse_max_io_bytes)]
     pub max_io_buf_bytes: Option<u64>,
-    /// Device size in bytes (null: default 250 GiB; loop: default the file's).
+    /// Device size (a size; null: default 250 GiB; loop: default the file's).
     #[arg(long = "size", short = 's', value_parser = parse_size)]
     pub size: Option<u64>,
+    /// Log detail, ublksrv's debug mask (decimal or 0x hex): 0 the default
+    /// (warnings); bits 0x1 (device) and 0x10 (control commands) log at
+    /// info level, 0x2 (queues) and 0x4 (I/O commands) at debug, 0x8 (every
+    /// I/O) at trace.
+    #[arg(long = "debug_mask", alias = "debug-mask", value_name = "MASK", value_parser = parse_debug_mask)]
+    #[serde(default)]
+    pub debug_mask: Option<u32>,
+}
+
+/// The loop target's backing file.
+#[derive(Debug, Clone, Args, Serialize, Deserialize, Default)]
+pub struct BackingArgs {
     /// Loop backing file (ublksrv style).
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
@@ -176,8 +245,11 @@ pub struct StopArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only this device.
-    #[arg(short = 'n', long = "number")]
+    #[arg(short = 'n', long = "number", conflicts_with = "all")]
     pub id: Option<u32>,
+    /// All devices (the default, as in kublk).
+    #[arg(short = 'a', long = "all")]
+    pub all: bool,
     /// JSON output.
     #[arg(long)]
     pub json: bool,
@@ -197,9 +269,72 @@ pub struct UpdateSizeArgs {
     /// The device id.
     #[arg(short = 'n', long = "number")]
     pub id: u32,
-    /// New size in bytes (suffixes K, M, G, T allowed).
+    /// New size (a size: see below).
     #[arg(short = 's', long = "size", value_parser = parse_size)]
     pub size: u64,
+}
+
+/// The programs of this package, for `completions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Program {
+    /// `ublk`.
+    #[value(name = "ublk")]
+    Ublk,
+    /// `ublk-loop`.
+    #[value(name = "ublk-loop")]
+    UblkLoop,
+    /// `ublk-null`.
+    #[value(name = "ublk-null")]
+    UblkNull,
+}
+
+impl Program {
+    /// The program's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ublk => "ublk",
+            Self::UblkLoop => "ublk-loop",
+            Self::UblkNull => "ublk-null",
+        }
+    }
+
+    /// The program's command-line definition.
+    pub fn command(self) -> clap::Command {
+        match self {
+            Self::Ublk => Cli::command(),
+            Self::UblkLoop => LoopCli::command(),
+            Self::UblkNull => NullCli::command(),
+        }
+    }
+}
+
+/// Options of `completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+    /// The program to complete.
+    #[arg(value_enum, default_value = "ublk")]
+    pub program: Program,
+}
+
+/// Options of `user_id`.
+#[derive(Debug, Args)]
+pub struct UserIdArgs {
+    /// The device: its id, or a node name such as ublkc0, ublkb0,
+    /// /dev/ublkb0p1 (udev's %k).
+    #[arg(value_parser = parse_device_name)]
+    pub device: u32,
+}
+
+/// `ublk __daemon [--recover] JSON`, the daemon `add` starts.
+#[derive(Debug, Parser)]
+#[command(name = "__daemon", bin_name = "ublk __daemon")]
+pub struct DaemonCli {
+    /// The daemon's arguments.
+    #[command(flatten)]
+    pub args: DaemonArgs,
 }
 
 /// The daemon's arguments (JSON of the add arguments).
@@ -210,6 +345,47 @@ pub struct DaemonArgs {
     pub recover: bool,
     /// The add arguments as JSON.
     pub json: String,
+}
+
+/// `ublk-null [options]`: `ublk add -t null`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ublk-null",
+    bin_name = "ublk-null",
+    version,
+    disable_version_flag = true,
+    about = "Add a ublk null device (ublk add -t null): every request completes at once, reads return zeroes",
+    after_help = add_after_help()
+)]
+pub struct NullCli {
+    /// Print the version (also -V).
+    #[arg(short = 'v', long = "version", short_alias = 'V', action = ArgAction::Version)]
+    pub version: Option<bool>,
+    /// The device options.
+    #[command(flatten)]
+    pub dev: DevOptions,
+}
+
+/// `ublk-loop [options] FILE`: `ublk add -t loop`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ublk-loop",
+    bin_name = "ublk-loop",
+    version,
+    disable_version_flag = true,
+    about = "Add a ublk loop device (ublk add -t loop) over a file or block device",
+    after_help = add_after_help()
+)]
+pub struct LoopCli {
+    /// Print the version (also -V).
+    #[arg(short = 'v', long = "version", short_alias = 'V', action = ArgAction::Version)]
+    pub version: Option<bool>,
+    /// The device options.
+    #[command(flatten)]
+    pub dev: DevOptions,
+    /// The backing file.
+    #[command(flatten)]
+    pub backing: BackingArgs,
 }
 
 /// Checks an I/O scheduler name: lowercase letters, digits, `-` and `_`.
@@ -227,38 +403,143 @@ fn parse_scheduler(s: &str) -> Result<String, String> {
     }
 }
 
-/// Parses `4096`, `512K`, `1M`, `250G`, `1T` (binary units).
+/// Parses a size: [`ublk::parse_size`], the syntax of [`sizes_help`].
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("invalid size {s:?}: unknown unit {c:?}")),
-            };
-            (&s[..i], m)
+    ublk::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// A count of `what` in `1..=max`, said in the library's words.
+fn parse_count(s: &str, what: &str, max: u32) -> Result<u16, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{what} {s:?} is not a number"))?;
+    match u16::try_from(n) {
+        Ok(n) if n >= 1 && u32::from(n) <= max => Ok(n),
+        _ => Err(format!("{what} {n} is outside 1..={max}")),
+    }
+}
+
+fn parse_queues(s: &str) -> Result<u16, String> {
+    parse_count(s, "number of queues", ublk::sys::UBLK_MAX_NR_QUEUES)
+}
+
+fn parse_depth(s: &str) -> Result<u16, String> {
+    parse_count(s, "queue depth", ublk::sys::UBLK_MAX_QUEUE_DEPTH)
+}
+
+fn parse_threads(s: &str) -> Result<u16, String> {
+    parse_count(s, "number of threads", u32::from(u16::MAX))
+}
+
+fn parse_logical_block_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    match u32::try_from(n) {
+        Ok(n) if n.is_power_of_two() && (512..=4096).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "logical block size {n} must be a power of two in 512..=4096"
+        )),
+    }
+}
+
+fn parse_max_io_bytes(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    let max = ublk::device::MAX_IO_BYTES;
+    if (4096..=u64::from(max)).contains(&n) && n % 4096 == 0 {
+        Ok(n)
+    } else {
+        Err(format!(
+            "largest request {n} bytes must be a multiple of 4096 in 4096..={max}"
+        ))
+    }
+}
+
+/// ublksrv's `--debug_mask`: decimal, or hexadecimal with `0x`.
+fn parse_debug_mask(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse(),
+    }
+    .map_err(|_| format!("debug mask {s:?} is not a 32-bit number (decimal or 0x hex)"))
+}
+
+/// The log level a ublksrv debug mask asks for (`None`: the default).
+pub fn debug_mask_level(mask: u32) -> Option<log::LevelFilter> {
+    const DEV: u32 = 0x1;
+    const QUEUE: u32 = 0x2;
+    const IO_CMD: u32 = 0x4;
+    const IO: u32 = 0x8;
+    const CTRL_CMD: u32 = 0x10;
+    Some(if mask & IO != 0 {
+        log::LevelFilter::Trace
+    } else if mask & (QUEUE | IO_CMD) != 0 {
+        log::LevelFilter::Debug
+    } else if mask & (DEV | CTRL_CMD) != 0 || mask != 0 {
+        log::LevelFilter::Info
+    } else {
+        return None;
+    })
+}
+
+/// A device id from `7`, `ublkc7`, `ublkb7`, `ublkb7p1` or `/dev/ublkb7`.
+fn parse_device_name(s: &str) -> Result<u32, String> {
+    let name = s.strip_prefix("/dev/").unwrap_or(s);
+    let digits = name
+        .strip_prefix("ublkc")
+        .or_else(|| name.strip_prefix("ublkb"))
+        .unwrap_or(name);
+    let digits = digits.split_once('p').map_or(digits, |(d, _)| d);
+    match digits.parse() {
+        Ok(id) if !digits.starts_with('+') => Ok(id),
+        _ => Err(format!(
+            "{s:?} is not a ublk device (a number, ublkcN, ublkbN or /dev/ublkbN)"
+        )),
+    }
+}
+
+impl BackingArgs {
+    /// The backing file, from `-f` or the positional argument.
+    pub fn file(&self) -> anyhow::Result<Option<&PathBuf>> {
+        match (&self.file, self.files.as_slice()) {
+            (Some(f), []) => Ok(Some(f)),
+            (None, [f]) => Ok(Some(f)),
+            (None, []) => Ok(None),
+            (Some(_), [_, ..]) => Err(crate::usage(
+                "give the backing file either with -f or as an argument, not both",
+            )),
+            (None, [_, _, ..]) => Err(crate::usage(
+                "the loop target takes exactly one backing file",
+            )),
         }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    }
 }
 
 impl AddArgs {
     /// The backing file, from `-f` or the positional argument.
     pub fn backing_file(&self) -> anyhow::Result<Option<&PathBuf>> {
-        match (&self.file, self.files.as_slice()) {
-            (Some(f), []) => Ok(Some(f)),
-            (None, [f]) => Ok(Some(f)),
-            (None, []) => Ok(None),
-            (Some(_), [_, ..]) => {
-                anyhow::bail!("give the backing file either with -f or as an argument, not both")
-            }
-            (None, [_, _, ..]) => anyhow::bail!("the loop target takes exactly one backing file"),
+        self.backing.file()
+    }
+}
+
+impl NullCli {
+    /// The `ublk add -t null` arguments this command line means.
+    pub fn into_add_args(self) -> AddArgs {
+        AddArgs {
+            target: Some(TargetKind::Null),
+            dev: self.dev,
+            backing: BackingArgs::default(),
+        }
+    }
+}
+
+impl LoopCli {
+    /// The `ublk add -t loop` arguments this command line means.
+    pub fn into_add_args(self) -> AddArgs {
+        AddArgs {
+            target: Some(TargetKind::Loop),
+            dev: self.dev,
+            backing: self.backing,
         }
     }
 }
@@ -266,7 +547,6 @@ impl AddArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ublk").chain(args.iter().copied()))
@@ -279,16 +559,23 @@ mod tests {
         }
     }
 
+    /// The one-line message of a refused command line.
+    fn refused(args: &[&str]) -> String {
+        crate::clap_one_line(&parse(args).unwrap_err())
+    }
+
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        NullCli::command().debug_assert();
+        LoopCli::command().debug_assert();
     }
 
     #[test]
     fn io_scheduler_defaults_to_none() {
-        assert_eq!(add(&["add", "-t", "null"]).io_scheduler, "none");
+        assert_eq!(add(&["add", "-t", "null"]).dev.io_scheduler, "none");
         let a = add(&["add", "-t", "null", "--io_scheduler", "mq-deadline"]);
-        assert_eq!(a.io_scheduler, "mq-deadline");
+        assert_eq!(a.dev.io_scheduler, "mq-deadline");
         assert!(parse(&["add", "-t", "null", "--io_scheduler", "a b"]).is_err());
     }
 
@@ -301,7 +588,7 @@ mod tests {
         );
         let a = add(&["add", "-t", "loop", "-q", "2", "disk.img"]);
         assert_eq!(
-            (a.queues, a.backing_file().unwrap().unwrap().to_str()),
+            (a.dev.queues, a.backing_file().unwrap().unwrap().to_str()),
             (2, Some("disk.img"))
         );
         assert!(add(&["add", "-t", "loop", "-f", "a", "b"])
@@ -312,7 +599,10 @@ mod tests {
     #[test]
     fn defaults_and_flags() {
         let a = add(&["add", "-t", "null"]);
-        assert_eq!((a.queues, a.depth, a.recovery, a.size), (1, 128, 0, None));
+        assert_eq!(
+            (a.dev.queues, a.dev.depth, a.dev.recovery, a.dev.size),
+            (1, 128, 0, None)
+        );
         let a = add(&[
             "add",
             "-t",
@@ -332,11 +622,90 @@ mod tests {
             "-n",
             "3",
         ]);
-        assert!(a.zero_copy && a.auto_zc && a.user_copy && a.need_get_data);
+        let d = &a.dev;
+        assert!(d.zero_copy && d.auto_zc && d.user_copy && d.need_get_data);
         assert_eq!(
-            (a.recovery, a.recovery_reissue, a.size, a.id),
+            (d.recovery, d.recovery_reissue, d.size, d.id),
             (1, 1, Some(1 << 30), Some(3))
         );
+    }
+
+    #[test]
+    fn ublksrv_and_kublk_spellings_and_the_hyphenated_ones() {
+        let a = add(&[
+            "add",
+            "-t",
+            "null",
+            "--zerocopy",
+            "--usercopy",
+            "--get_data",
+            "--user_recovery",
+            "1",
+            "--user_recovery_reissue",
+            "1",
+            "--user_recovery_fail_io",
+            "0",
+            "--read-only",
+            "--logical-block-size",
+            "4096",
+            "--max-io-buf-bytes",
+            "1M",
+            "--debug_mask",
+            "0x1f",
+        ]);
+        let d = &a.dev;
+        assert!(d.zero_copy && d.user_copy && d.need_get_data && d.read_only);
+        assert_eq!(
+            (d.recovery, d.recovery_reissue, d.recovery_fail_io),
+            (1, 1, 0)
+        );
+        assert_eq!(
+            (d.logical_block_size, d.max_io_buf_bytes, d.debug_mask),
+            (Some(4096), Some(1 << 20), Some(0x1f))
+        );
+        let a = add(&[
+            "add",
+            "-t",
+            "null",
+            "--read_only",
+            "--logical_block_size",
+            "1K",
+        ]);
+        assert_eq!(
+            (a.dev.read_only, a.dev.logical_block_size),
+            (true, Some(1024))
+        );
+        assert!(
+            add(&["add", "-t", "null", "--need-get-data"])
+                .dev
+                .need_get_data
+        );
+        assert!(add(&["add", "-t", "null", "--zero-copy"]).dev.zero_copy);
+        match parse(&["list", "-a"]).unwrap().command {
+            Command::List(l) => assert!(l.all && l.id.is_none()),
+            c => panic!("not list: {c:?}"),
+        }
+        assert!(parse(&["list", "-a", "-n", "1"]).is_err());
+    }
+
+    #[test]
+    fn the_help_shows_one_style_of_long_names() {
+        let help = Cli::command()
+            .find_subcommand_mut("add")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for long in [
+            "--read_only",
+            "--logical_block_size",
+            "--max_io_buf_bytes",
+            "--debug_mask",
+        ] {
+            assert!(help.contains(long), "{long} missing from {help}");
+        }
+        assert!(!help.contains("--read-only"), "{help}");
+        assert!(help.contains("K, M, G, T"), "the size units: {help}");
+        assert!(help.contains("Exit status"), "{help}");
     }
 
     #[test]
@@ -347,6 +716,34 @@ mod tests {
         assert!(parse(&["del"]).is_err());
         assert!(parse(&["del", "-n", "1", "-a"]).is_err());
         assert!(parse(&["add", "-t", "null", "-d", "x"]).is_err());
+        assert_eq!(
+            refused(&["add", "-t", "null", "-d", "100000"]),
+            "invalid value '100000' for '--depth <DEPTH>': queue depth 100000 is outside 1..=4096"
+        );
+        assert_eq!(
+            refused(&["add", "-t", "null", "-q", "0"]),
+            "invalid value '0' for '--queues <QUEUES>': number of queues 0 is outside 1..=4096"
+        );
+        assert_eq!(
+            refused(&["add", "-t", "null", "--nthreads", "0"]),
+            "invalid value '0' for '--nthreads <NTHREADS>': number of threads 0 is outside 1..=65535"
+        );
+        assert_eq!(
+            refused(&["add", "-t", "null", "--max_io_buf_bytes", "1000"]),
+            "invalid value '1000' for '--max_io_buf_bytes <SIZE>': largest request 1000 bytes must be a multiple of 4096 in 4096..=33554432"
+        );
+        assert_eq!(
+            refused(&["add", "-t", "null", "--size", "garbage"]),
+            "invalid value 'garbage' for '--size <SIZE>': invalid size \"garbage\": not a number with an optional unit (K, M, G, T: powers of 1024)"
+        );
+        assert_eq!(
+            refused(&["add", "-t", "null", "--logical_block_size", "1000"]),
+            "invalid value '1000' for '--logical_block_size <LOGICAL_BLOCK_SIZE>': logical block size 1000 must be a power of two in 512..=4096"
+        );
+        assert_eq!(
+            refused(&["add", "-t", "null", "--debug_mask", "lots"]),
+            "invalid value 'lots' for '--debug_mask <MASK>': debug mask \"lots\" is not a 32-bit number (decimal or 0x hex)"
+        );
     }
 
     #[test]
@@ -354,12 +751,99 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("512K"), Ok(512 << 10));
         assert_eq!(parse_size("250G"), Ok(250 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
         assert!(parse_size("1Q").is_err());
+        assert!(parse_size("0.1K").is_err());
+        assert_eq!(
+            add(&["add", "-t", "null", "-s", "1GiB"]).dev.size,
+            Some(1 << 30)
+        );
+        assert_eq!(
+            add(&["add", "-t", "null", "-s", "1.5G"]).dev.size,
+            Some(3 << 29)
+        );
         assert_eq!(parse_scheduler("mq-deadline").as_deref(), Ok("mq-deadline"));
         assert!(parse_scheduler("").is_err());
         assert!(parse_scheduler("none\n").is_err());
         assert!(parse_scheduler("../x").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn debug_mask_levels() {
+        use log::LevelFilter::*;
+        assert_eq!(debug_mask_level(0), None);
+        assert_eq!(debug_mask_level(0x1), Some(Info));
+        assert_eq!(debug_mask_level(0x10), Some(Info));
+        assert_eq!(debug_mask_level(0x100), Some(Info));
+        assert_eq!(debug_mask_level(0x2), Some(Debug));
+        assert_eq!(debug_mask_level(0x14), Some(Debug));
+        assert_eq!(debug_mask_level(0x1f), Some(Trace));
+        assert_eq!(parse_debug_mask("0x1F"), Ok(0x1f));
+        assert_eq!(parse_debug_mask("31"), Ok(31));
+    }
+
+    #[test]
+    fn device_names_for_udev() {
+        for s in ["7", "ublkc7", "ublkb7", "ublkb7p1", "/dev/ublkb7"] {
+            assert_eq!(parse_device_name(s), Ok(7), "{s}");
+        }
+        for s in ["", "sda", "ublkb", "/dev/ublkbx", "+7"] {
+            assert!(parse_device_name(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn the_wrappers_fix_the_target() {
+        let a = NullCli::try_parse_from(["ublk-null", "-q", "2"])
+            .unwrap()
+            .into_add_args();
+        assert_eq!((a.target, a.dev.queues), (Some(TargetKind::Null), 2));
+        let a = LoopCli::try_parse_from(["ublk-loop", "disk.img"])
+            .unwrap()
+            .into_add_args();
+        assert_eq!(a.target, Some(TargetKind::Loop));
+        assert_eq!(
+            a.backing_file().unwrap().unwrap().to_str(),
+            Some("disk.img")
+        );
+        for (e, want) in [
+            (
+                NullCli::try_parse_from(["ublk-null", "-t", "loop"]).unwrap_err(),
+                "unexpected argument '-t' found",
+            ),
+            (
+                NullCli::try_parse_from(["ublk-null", "disk.img"]).unwrap_err(),
+                "unexpected argument 'disk.img' found",
+            ),
+            (
+                LoopCli::try_parse_from(["ublk-loop", "--type", "null", "x"]).unwrap_err(),
+                "unexpected argument '--type' found (to pass '--type' as a value, use '-- --type')",
+            ),
+        ] {
+            assert_eq!(crate::clap_one_line(&e), want);
+        }
+        let help = NullCli::command().render_help().to_string();
+        assert!(help.starts_with("Add a ublk null device"), "{help}");
+        assert!(help.contains("Usage: ublk-null [OPTIONS]\n"), "{help}");
+        assert!(!help.contains("--type") && !help.contains("FILE"), "{help}");
+        let help = LoopCli::command().render_help().to_string();
+        assert!(help.contains("Usage: ublk-loop [OPTIONS] [FILE]"), "{help}");
+    }
+
+    #[test]
+    fn state_files_keep_their_flat_layout() {
+        let a = add(&["add", "-t", "loop", "-q", "2", "--size", "1M", "x.img"]);
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(v["target"], "loop");
+        assert_eq!(v["queues"], 2);
+        assert_eq!(v["files"][0], "x.img");
+        // A state file written before --debug_mask existed still loads.
+        let mut old = v.as_object().unwrap().clone();
+        old.remove("debug_mask");
+        let back: AddArgs = serde_json::from_value(old.into()).unwrap();
+        assert_eq!((back.dev.queues, back.dev.size), (2, Some(1 << 20)));
     }
 }

@@ -13,17 +13,19 @@ use ublk::params::{Attrs, BasicParams, DiscardParams, Params};
 use ublk::{Control, CopyMode, DevInfo, Device, DeviceBuilder, Features, StartKind};
 
 use crate::cli::{
-    AddArgs, Cli, Command, DaemonArgs, DelArgs, ListArgs, StopArgs, TargetKind, UpdateSizeArgs,
+    AddArgs, Command, CompletionsArgs, DaemonArgs, DelArgs, ListArgs, StopArgs, TargetKind,
+    UpdateSizeArgs, UserIdArgs,
 };
 use crate::state::{self, DeviceState};
 use crate::targets::{loop_target, Backing, BackingOptions, NullTarget};
+use crate::{emit, usage};
 
 /// Default size of a null device: 250 GiB, like ublksrv and kublk.
 pub const NULL_DEFAULT_SIZE: u64 = 250 << 30;
 
 /// Runs one command.
-pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Add(a) => add(a, false),
         Command::Recover(a) => add(a, true),
         Command::Del(a) => del(&a),
@@ -65,12 +67,22 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::UpdateSize(a) => update_size(&a),
+        Command::Completions(a) => completions(&a),
+        Command::UserId(a) => user_id(&a),
         Command::Daemon(d) => daemon(&d),
     }
 }
 
+/// The control device to open: `UBLK_CONTROL` if set (for tests and
+/// unusual set-ups), else `/dev/ublk-control`.
+pub fn control_path() -> PathBuf {
+    std::env::var_os("UBLK_CONTROL")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from(ublk::ctrl::CONTROL_PATH), PathBuf::from)
+}
+
 fn open_control() -> anyhow::Result<Control> {
-    Ok(Control::open()?)
+    Ok(Control::open_path(control_path())?)
 }
 
 /// The info of device `id`, or "device N does not exist".
@@ -86,104 +98,149 @@ fn existing(ctrl: &Control, id: u32) -> anyhow::Result<DevInfo> {
 
 /// The copy mode and device flags `a` asks for.
 fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
-    let modes = [a.zero_copy, a.auto_zc, a.user_copy, a.need_get_data]
-        .iter()
-        .filter(|&&m| m)
-        .count();
+    let modes = [
+        a.dev.zero_copy,
+        a.dev.auto_zc,
+        a.dev.user_copy,
+        a.dev.need_get_data,
+    ]
+    .iter()
+    .filter(|&&m| m)
+    .count();
     if modes > 1 {
-        bail!("choose one of -z, --auto_zc, -u and -g");
+        return Err(usage("choose one of -z, --auto_zc, -u and -g"));
     }
-    if a.auto_zc_fallback && !a.auto_zc {
-        bail!("--auto_zc_fallback needs --auto_zc");
+    if a.dev.auto_zc_fallback && !a.dev.auto_zc {
+        return Err(usage("--auto_zc_fallback needs --auto_zc"));
     }
-    if a.nthreads.is_some_and(|n| n != a.queues) && !a.per_io_tasks {
-        bail!("--nthreads other than the number of queues needs --per_io_tasks");
+    if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && !a.dev.per_io_tasks {
+        return Err(usage(
+            "--nthreads other than the number of queues needs --per_io_tasks",
+        ));
     }
-    let mode = if a.zero_copy {
+    let mode = if a.dev.zero_copy {
         CopyMode::ZeroCopy
-    } else if a.auto_zc {
+    } else if a.dev.auto_zc {
         CopyMode::AutoBufReg {
-            fallback: a.auto_zc_fallback,
+            fallback: a.dev.auto_zc_fallback,
         }
-    } else if a.user_copy {
+    } else if a.dev.user_copy {
         CopyMode::UserCopy
-    } else if a.need_get_data {
+    } else if a.dev.need_get_data {
         CopyMode::NeedGetData
     } else {
         CopyMode::Copy
     };
     let mut flags = Features::empty();
     for (on, f) in [
-        (a.recovery == 1, Features::USER_RECOVERY),
-        (a.recovery_reissue == 1, Features::USER_RECOVERY_REISSUE),
-        (a.recovery_fail_io == 1, Features::USER_RECOVERY_FAIL_IO),
-        (a.unprivileged, Features::UNPRIVILEGED_DEV),
-        (a.no_auto_part_scan, Features::NO_AUTO_PART_SCAN),
-        (a.batch, Features::BATCH_IO),
+        (a.dev.recovery == 1, Features::USER_RECOVERY),
+        (a.dev.recovery_reissue == 1, Features::USER_RECOVERY_REISSUE),
+        (a.dev.recovery_fail_io == 1, Features::USER_RECOVERY_FAIL_IO),
+        (a.dev.unprivileged, Features::UNPRIVILEGED_DEV),
+        (a.dev.no_auto_part_scan, Features::NO_AUTO_PART_SCAN),
+        (a.dev.batch, Features::BATCH_IO),
     ] {
         if on {
             flags |= f;
         }
     }
-    if (a.recovery_reissue == 1 || a.recovery_fail_io == 1) && a.recovery != 1 {
-        bail!("-i 1 and -e 1 need user recovery (-r 1)");
+    if (a.dev.recovery_reissue == 1 || a.dev.recovery_fail_io == 1) && a.dev.recovery != 1 {
+        return Err(usage("-i 1 and -e 1 need user recovery (-r 1)"));
     }
-    if a.unprivileged && a.recovery == 1 {
-        bail!("unprivileged devices cannot use user recovery (-r 1): the kernel forbids it");
+    if a.dev.unprivileged && a.dev.recovery == 1 {
+        return Err(usage(
+            "unprivileged devices cannot use user recovery (-r 1): the kernel forbids it",
+        ));
     }
     Ok((mode, flags))
 }
 
-fn builder(a: &AddArgs, ctrl: &Control) -> anyhow::Result<(DeviceBuilder, CopyMode)> {
+/// The device `a` describes on a kernel with `kernel` features, checked by
+/// [`DeviceBuilder::validate`] (which needs no kernel: pass
+/// `Features::empty()` to check the arguments before the driver is asked).
+fn builder(a: &AddArgs, kernel: Features) -> anyhow::Result<(DeviceBuilder, CopyMode)> {
     let (mode, mut flags) = plan(a)?;
     // Quiesce comes with recovery where the kernel has it, as in kublk.
-    if flags.contains(Features::USER_RECOVERY) && ctrl.features().contains(Features::QUIESCE) {
+    if flags.contains(Features::USER_RECOVERY) && kernel.contains(Features::QUIESCE) {
         flags |= Features::QUIESCE;
     }
     let mut b = DeviceBuilder::new()
-        .queues(a.queues)
-        .depth(a.depth)
+        .queues(a.dev.queues)
+        .depth(a.dev.depth)
         .copy_mode(mode)
         .flags(flags);
-    if let Some(id) = a.id {
+    if let Some(id) = a.dev.id {
         b = b.id(id);
     }
-    if a.per_io_tasks {
-        b = b.threads(a.nthreads.unwrap_or(a.queues));
+    if a.dev.per_io_tasks {
+        b = b.threads(a.dev.nthreads.unwrap_or(a.dev.queues));
     }
-    if let Some(bytes) = a.max_io_buf_bytes {
-        let bytes =
-            u32::try_from(bytes).map_err(|_| anyhow!("--max_io_buf_bytes {bytes} is too large"))?;
+    if let Some(bytes) = a.dev.max_io_buf_bytes {
+        let bytes = u32::try_from(bytes)
+            .map_err(|_| usage(format!("--max_io_buf_bytes {bytes} is too large")))?;
         b = b.max_io_bytes(bytes);
     }
-    b.validate()?;
+    b.validate().map_err(|e| match e {
+        ublk::Error::Invalid(msg) => usage(msg),
+        e => e.into(),
+    })?;
     Ok((b, mode))
 }
 
 fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
     a.target
-        .ok_or_else(|| anyhow!("missing target type: use -t null or -t loop"))
+        .ok_or_else(|| usage("missing target type: use -t null or -t loop"))
 }
 
-/// Checks everything that can be checked before a daemon starts.
-fn precheck(a: &AddArgs, recover: bool) -> anyhow::Result<()> {
+/// The checks of `a` that need neither the driver nor the backing file
+/// (usage errors): the target and its file, the options and their
+/// combinations, everything [`DeviceBuilder::validate`] checks.
+fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
-    let file = a.backing_file()?;
-    match (kind, file) {
-        (TargetKind::Loop, None) => bail!("the loop target needs a backing file: -f FILE"),
-        (TargetKind::Null, Some(f)) => bail!(
-            "the null target takes no backing file (got {})",
-            f.display()
-        ),
-        (TargetKind::Loop, Some(f)) => drop(Backing::open(f, backing_options(a))?),
-        (TargetKind::Null, None) => {}
+    match (kind, a.backing_file()?) {
+        (TargetKind::Loop, None) => {
+            return Err(usage(
+                "the loop target needs a backing file: -f FILE or FILE",
+            ))
+        }
+        (TargetKind::Null, Some(f)) => {
+            return Err(usage(format!(
+                "the null target takes no backing file (got {})",
+                f.display()
+            )))
+        }
+        _ => {}
+    }
+    if kind == TargetKind::Null {
+        let lbs = u64::from(a.dev.logical_block_size.unwrap_or(512));
+        match a.dev.size {
+            Some(0) => return Err(usage("--size 0: a device needs a non-zero size")),
+            Some(size) if size % lbs != 0 => {
+                return Err(usage(format!(
+                    "--size {size} is not a multiple of the logical block size {lbs}"
+                )))
+            }
+            _ => {}
+        }
+    }
+    builder(a, Features::empty())?;
+    Ok(())
+}
+
+/// Checks everything that can be checked before a daemon starts: the
+/// arguments first ([`check_arguments`]), then the backing file, then the
+/// driver and what it supports.
+fn precheck(a: &AddArgs, recover: bool) -> anyhow::Result<()> {
+    check_arguments(a)?;
+    if let (TargetKind::Loop, Some(f)) = (target_kind(a)?, a.backing_file()?) {
+        drop(Backing::open(f, backing_options(a))?);
     }
     let ctrl = open_control()?;
-    let (b, _) = builder(a, &ctrl)?;
+    let (b, _) = builder(a, ctrl.features())?;
     ctrl.require(b.requested_flags(ctrl.features()))?;
-    match (recover, a.id) {
+    match (recover, a.dev.id) {
         (false, Some(id)) if ctrl.dev_info(id).is_ok() => bail!("device id {id} is already in use"),
-        (true, None) => bail!("recover needs the device id: -n ID"),
+        (true, None) => return Err(usage("recover needs the device id: -n ID")),
         (true, Some(id)) => {
             let info = existing(&ctrl, id)?;
             if !info.flags().contains(Features::USER_RECOVERY) {
@@ -217,10 +274,10 @@ fn process_running(pid: i32) -> bool {
 
 fn backing_options(a: &AddArgs) -> BackingOptions {
     BackingOptions {
-        read_only: a.read_only,
-        buffered: a.buffered_io,
-        size: a.size,
-        logical_block_size: a.logical_block_size,
+        read_only: a.dev.read_only,
+        buffered: a.dev.buffered_io,
+        size: a.dev.size,
+        logical_block_size: a.dev.logical_block_size,
     }
 }
 
@@ -233,8 +290,13 @@ struct Report {
 
 fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
     if recover {
-        let id =
-            a.id.ok_or_else(|| anyhow!("recover needs the device id: -n ID"))?;
+        let id = a
+            .dev
+            .id
+            .ok_or_else(|| usage("recover needs the device id: -n ID"))?;
+        if a.target.is_some() {
+            check_arguments(&a)?;
+        }
         // Another user's device: say so before looking for our state file.
         existing(&open_control()?, id)?;
         if a.target.is_none() {
@@ -244,16 +306,15 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
                     state::path(id).display()
                 )
             })?;
-            a = AddArgs {
-                id: Some(id),
-                foreground: a.foreground,
-                quiet: a.quiet,
-                ..st.options
-            };
+            let (foreground, quiet) = (a.dev.foreground, a.dev.quiet);
+            a = st.options;
+            a.dev.id = Some(id);
+            a.dev.foreground = foreground;
+            a.dev.quiet = quiet;
         }
     }
     precheck(&a, recover)?;
-    if a.foreground {
+    if a.dev.foreground {
         return serve(&a, recover, None).map(|()| ExitCode::SUCCESS);
     }
     let exe = std::env::current_exe().context("cannot find this program's path")?;
@@ -286,9 +347,11 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
     let report: Option<Report> = serde_json::from_str(line.trim()).ok();
     match report {
         Some(Report { id: Some(id), .. }) => {
-            if !a.quiet {
+            // The device is made and served: a closed stdout only ends
+            // this report (quietly, status 0).
+            if !a.dev.quiet {
                 let ctrl = open_control()?;
-                print_devices(&ctrl, &[id], false)?;
+                emit(&show_devices(&ctrl, &[id], false)?)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -337,22 +400,22 @@ fn serve(
 ) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
     let ctrl = Arc::new(open_control()?);
-    let (builder, mode) = builder(a, &ctrl)?;
+    let (builder, mode) = builder(a, ctrl.features())?;
     let backing = match (kind, a.backing_file()?) {
         (TargetKind::Loop, Some(f)) => Some(Backing::open(f, backing_options(a))?),
         _ => None,
     };
     let size = match &backing {
         Some(b) => b.size,
-        None => a.size.unwrap_or(NULL_DEFAULT_SIZE),
+        None => a.dev.size.unwrap_or(NULL_DEFAULT_SIZE),
     };
     let lbs = backing
         .as_ref()
-        .map_or(a.logical_block_size.unwrap_or(512), |b| {
+        .map_or(a.dev.logical_block_size.unwrap_or(512), |b| {
             b.logical_block_size
         });
     let mut dev = if recover {
-        let id = a.id.unwrap_or_default();
+        let id = a.dev.id.unwrap_or_default();
         Device::recover(Arc::clone(&ctrl), id, mode).map_err(|e| match e.errno() {
             Some(libc::EBUSY) => {
                 let pid = ctrl.dev_info(id).map_or(-1, |i| i.server_pid());
@@ -365,7 +428,10 @@ fn serve(
             .add(Arc::clone(&ctrl))
             .map_err(|e| match e.errno() {
                 Some(libc::EEXIST) => {
-                    anyhow!("device id {} is already in use", a.id.unwrap_or_default())
+                    anyhow!(
+                        "device id {} is already in use",
+                        a.dev.id.unwrap_or_default()
+                    )
                 }
                 _ => e.into(),
             })?;
@@ -374,25 +440,21 @@ fn serve(
     if !recover {
         let mut basic = BasicParams::new(size, dev.info().max_io_buf_bytes());
         basic.logical_block_size = lbs;
-        basic.physical_block_size = lbs.max(basic.physical_block_size);
+        basic.physical_block_size = lbs
+            .max(basic.physical_block_size)
+            .max(backing.as_ref().map_or(0, |b| b.physical_block_size));
         basic.io_min = lbs;
         basic.io_opt = lbs;
         if kind == TargetKind::Loop {
             basic.attrs |= Attrs::VOLATILE_CACHE | Attrs::FUA;
         }
-        if a.read_only {
+        if a.dev.read_only {
             basic.attrs |= Attrs::READ_ONLY;
         }
         let mut params = Params::basic(basic);
-        if backing.as_ref().is_some_and(|b| b.discard) {
-            params.discard = Some(DiscardParams {
-                alignment: 0,
-                granularity: 4096.max(lbs),
-                max_discard_sectors: u32::MAX >> 9,
-                max_write_zeroes_sectors: u32::MAX >> 9,
-                max_discard_segments: 1,
-            });
-        }
+        params.discard = backing
+            .as_ref()
+            .and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
         dev.set_params(&params)?;
     }
     let id = dev.id();
@@ -402,7 +464,7 @@ fn serve(
     let backing_file = backing.as_ref().map(|b| b.path.clone());
     let direct_io = backing.as_ref().map(|b| b.direct_io);
     let shared = backing.map(|b| Arc::new(b.file));
-    let read_only = a.read_only;
+    let read_only = a.dev.read_only;
     let unprivileged = dev.info().flags().contains(Features::UNPRIVILEGED_DEV);
     let on_live = |info: &DevInfo, queues: &[ublk::QueueInfo]| {
         // Before anyone is told the device is live, so that its first I/O
@@ -416,13 +478,13 @@ fn serve(
                 log::warn!("device {}: {e}", info.id());
             }
         }
-        let keep = matches!(a.io_scheduler.as_str(), "" | "default");
+        let keep = matches!(a.dev.io_scheduler.as_str(), "" | "default");
         if !recover && !unprivileged && !keep {
-            if let Err(e) = ublk::set_io_scheduler(info.id(), &a.io_scheduler) {
+            if let Err(e) = ublk::set_io_scheduler(info.id(), &a.dev.io_scheduler) {
                 log::warn!(
                     "device {}: cannot select the I/O scheduler {:?}: {e}; keeping the kernel's",
                     info.id(),
-                    a.io_scheduler
+                    a.dev.io_scheduler
                 );
             }
         }
@@ -454,9 +516,13 @@ fn serve(
                     let _ = rustix::stdio::dup2_stdout(&null);
                 }
             }
-            None if !a.quiet => {
-                if let Ok(c) = Control::open() {
-                    let _ = print_devices(&c, &[info.id()], false);
+            // Serving in the foreground: a closed stdout must not stop
+            // the server, so what cannot be printed is dropped.
+            None if !a.dev.quiet => {
+                if let Ok(c) = open_control() {
+                    if let Ok(text) = show_devices(&c, &[info.id()], false) {
+                        let _ = emit(&text);
+                    }
                 }
             }
             None => {}
@@ -512,6 +578,21 @@ fn serve(
     result.map(drop).map_err(Into::into)
 }
 
+/// The discard parameters of a loop device whose backing file can punch
+/// holes (`discard`) and zero ranges (`write_zeroes`): each request type is
+/// offered only where the file can do it (the kernel then emulates
+/// WRITE_ZEROES with writes of zeroes); `None` for neither.
+pub fn discard_params(discard: bool, write_zeroes: bool, lbs: u32) -> Option<DiscardParams> {
+    let sectors = |on: bool| if on { u32::MAX >> 9 } else { 0 };
+    (discard || write_zeroes).then(|| DiscardParams {
+        alignment: 0,
+        granularity: 4096.max(lbs),
+        max_discard_sectors: sectors(discard),
+        max_write_zeroes_sectors: sectors(write_zeroes),
+        max_discard_segments: 1,
+    })
+}
+
 /// SIGTERM/SIGINT/SIGHUP: stop and delete the device, or, with recovery,
 /// leave it for `ublk recover` and exit.
 fn spawn_signal_thread(
@@ -527,9 +608,12 @@ fn spawn_signal_thread(
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 if recovery {
-                    eprintln!(
-                        "ublk: signal {sig}: leaving device {} for `ublk recover -n {}` (it has user recovery)",
-                        dev.id, dev.id
+                    crate::say(
+                        "ublk",
+                        &format!(
+                            "signal {sig}: leaving device {} for `ublk recover -n {}` (it has user recovery)",
+                            dev.id, dev.id
+                        ),
                     );
                     std::process::exit(0);
                 }
@@ -621,7 +705,7 @@ fn del(a: &DelArgs) -> anyhow::Result<ExitCode> {
             // The daemon deleted it first after our stop: that is success.
             Err(e) if e.errno() == Some(libc::ENODEV) => {}
             Err(e) => {
-                eprintln!("ublk: deleting device {id}: {e}");
+                crate::say("ublk", &format!("deleting device {id}: {e}"));
                 failed = true;
                 continue;
             }
@@ -675,13 +759,33 @@ fn update_size(a: &UpdateSizeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `completions SHELL [PROGRAM]`: the script clap_complete makes from the
+/// program's definition (built in memory, so a closed stdout is no panic).
+fn completions(a: &CompletionsArgs) -> anyhow::Result<ExitCode> {
+    let mut cmd = a.program.command();
+    let mut script = Vec::new();
+    clap_complete::generate(a.shell, &mut cmd, a.program.name(), &mut script);
+    emit(&String::from_utf8_lossy(&script))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `user_id DEVICE`: `UID GID` of the device's owner, for udev's
+/// `OWNER="%c{1}", GROUP="%c{2}"`.
+fn user_id(a: &UserIdArgs) -> anyhow::Result<ExitCode> {
+    let ctrl = open_control()?;
+    let (uid, gid) = existing(&ctrl, a.device)?.owner();
+    emit(&format!("{uid} {gid}\n"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn features() -> anyhow::Result<ExitCode> {
     let ctrl = open_control()?;
     let mask = ctrl.kernel_mask();
-    println!("ublk_drv features: {mask:#x}");
+    let mut text = format!("ublk_drv features: {mask:#x}\n");
     for name in Features::from_bits_retain(mask).kernel_names() {
-        println!("\t{name}");
+        text.push_str(&format!("\t{name}\n"));
     }
+    emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -796,19 +900,17 @@ pub fn format_listing(l: &Listing) -> String {
     s
 }
 
-fn print_devices(ctrl: &Control, ids: &[u32], json: bool) -> anyhow::Result<()> {
+/// What `list` prints for `ids`.
+fn show_devices(ctrl: &Control, ids: &[u32], json: bool) -> anyhow::Result<String> {
     let mut all = Vec::with_capacity(ids.len());
     for &id in ids {
         all.push(listing(ctrl, id)?);
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+    Ok(if json {
+        format!("{}\n", serde_json::to_string_pretty(&all)?)
     } else {
-        for l in &all {
-            print!("{}", format_listing(l));
-        }
-    }
-    Ok(())
+        all.iter().map(format_listing).collect()
+    })
 }
 
 fn list(a: &ListArgs) -> anyhow::Result<ExitCode> {
@@ -825,7 +927,7 @@ fn list(a: &ListArgs) -> anyhow::Result<ExitCode> {
             .filter(|&id| ctrl.dev_info(id).is_ok())
             .collect()
     };
-    print_devices(&ctrl, &ids, a.json)?;
+    emit(&show_devices(&ctrl, &ids, a.json)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -870,26 +972,117 @@ mod tests {
     }
 
     #[test]
+    fn write_zeroes_is_offered_only_where_the_file_zeroes_ranges() {
+        assert!(discard_params(false, false, 512).is_none());
+        let tmpfs = discard_params(true, false, 512).unwrap();
+        assert_eq!(
+            (tmpfs.max_discard_sectors, tmpfs.max_write_zeroes_sectors),
+            (u32::MAX >> 9, 0)
+        );
+        let ext4 = discard_params(true, true, 4096).unwrap();
+        assert_eq!(
+            (ext4.max_write_zeroes_sectors, ext4.granularity),
+            (u32::MAX >> 9, 4096)
+        );
+    }
+
+    fn with(dev: crate::cli::DevOptions) -> AddArgs {
+        AddArgs {
+            dev,
+            ..Default::default()
+        }
+    }
+
+    #[test]
     fn copy_modes_exclude_each_other() {
-        let a = AddArgs {
+        use crate::cli::DevOptions;
+        let a = with(DevOptions {
             zero_copy: true,
             user_copy: true,
             ..Default::default()
-        };
+        });
         assert!(plan(&a).unwrap_err().to_string().contains("choose one"));
-        let a = AddArgs {
+        let a = with(DevOptions {
             recovery_reissue: 1,
             ..Default::default()
-        };
+        });
         assert!(plan(&a).unwrap_err().to_string().contains("-r 1"));
-        let a = AddArgs {
+        let a = with(DevOptions {
             auto_zc: true,
             auto_zc_fallback: true,
             recovery: 1,
             ..Default::default()
-        };
+        });
         let (m, f) = plan(&a).unwrap();
         assert_eq!(m, CopyMode::AutoBufReg { fallback: true });
         assert_eq!(f, Features::USER_RECOVERY);
+    }
+
+    /// What `check_arguments` says about `ublk ARGS`, and whether it is a
+    /// usage error.
+    fn checked(args: &[&str]) -> Option<(String, bool)> {
+        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(
+            std::iter::once("ublk").chain(args.iter().copied()),
+        )
+        .unwrap();
+        let Command::Add(a) = cli.command else {
+            panic!("not add")
+        };
+        check_arguments(&a).err().map(|e| {
+            (
+                crate::one_line(&e),
+                e.downcast_ref::<crate::UsageError>().is_some(),
+            )
+        })
+    }
+
+    #[test]
+    fn the_arguments_are_checked_without_a_kernel() {
+        let usage = |s: &str| Some((s.to_owned(), true));
+        assert_eq!(
+            checked(&["add", "-t", "null", "-z", "-u"]),
+            usage("choose one of -z, --auto_zc, -u and -g")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "-b", "-g"]),
+            usage("batch I/O (-b) does not work with NEED_GET_DATA (-g)")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "--nthreads", "2"]),
+            usage("--nthreads other than the number of queues needs --per_io_tasks")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "--unprivileged", "-z"]),
+            usage("unprivileged devices cannot use zero copy, auto buffer registration or user copy (the kernel forbids it)")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "-r", "1", "-i", "1", "-e", "1"]),
+            usage("recovery reissue (-i 1) and fail-I/O (-e 1) exclude each other")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "-s", "1000"]),
+            usage("--size 1000 is not a multiple of the logical block size 512")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "-s", "0"]),
+            usage("--size 0: a device needs a non-zero size")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "loop"]),
+            usage("the loop target needs a backing file: -f FILE or FILE")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "x.img"]),
+            usage("the null target takes no backing file (got x.img)")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "loop", "-f", "a", "b"]),
+            usage("give the backing file either with -f or as an argument, not both")
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "-q", "4", "-d", "4096"]),
+            None
+        );
+        assert_eq!(checked(&["add", "-t", "loop", "missing.img"]), None);
     }
 }

@@ -1,9 +1,7 @@
 //! The null and loop targets.
-#![allow(unsafe_code)] // the BLKGETSIZE64/BLKSSZGET ioctls on a backing block device
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,8 +33,16 @@ pub struct Backing {
     pub direct_io: bool,
     /// Logical block size to advertise.
     pub logical_block_size: u32,
-    /// Whether discard (punch hole) is supported.
+    /// Physical block size to advertise (at least the logical one).
+    pub physical_block_size: u32,
+    /// Whether discard can be offered: the file punches holes
+    /// (`FALLOC_FL_PUNCH_HOLE`), found by [`fallocate_works`].
     pub discard: bool,
+    /// Whether WRITE_ZEROES can be offered: the file zeroes ranges in place
+    /// (`FALLOC_FL_ZERO_RANGE`, for requests with `NOUNMAP`) and punches
+    /// holes (for the others), found by [`fallocate_works`]. tmpfs punches
+    /// holes but cannot zero ranges.
+    pub write_zeroes: bool,
     /// A block device rather than a regular file.
     pub is_block_device: bool,
 }
@@ -54,31 +60,12 @@ pub struct BackingOptions {
     pub logical_block_size: Option<u32>,
 }
 
-const BLKGETSIZE64: u64 = 0x8008_1272;
-const BLKSSZGET: u64 = 0x1268;
-
-fn blk_ioctl_u64(f: &File, req: u64) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
-    // at a live local.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), req as _, &mut v as *mut u64) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(v)
-    }
-}
-
-fn blk_ioctl_int(f: &File, req: u64) -> io::Result<u32> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points at
-    // a live local.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), req as _, &mut v as *mut libc::c_int) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(v as u32)
-    }
+/// The size of a block device: where its end is (`lseek(SEEK_END)`, what
+/// `BLKGETSIZE64` returns), without an ioctl.
+fn block_device_size(f: &File) -> io::Result<u64> {
+    let end = rustix::fs::seek(f, rustix::fs::SeekFrom::End(0))?;
+    rustix::fs::seek(f, rustix::fs::SeekFrom::Start(0))?;
+    Ok(end)
 }
 
 impl Backing {
@@ -127,13 +114,12 @@ impl Backing {
             Err(e) => bail!("cannot open backing file {shown}: {e}"),
         };
         let file_size = if is_block_device {
-            blk_ioctl_u64(&file, BLKGETSIZE64)
-                .with_context(|| format!("cannot read the size of {shown}"))?
+            block_device_size(&file).with_context(|| format!("cannot read the size of {shown}"))?
         } else {
             meta.len()
         };
         let native_lbs = if is_block_device {
-            blk_ioctl_int(&file, BLKSSZGET).unwrap_or(512)
+            rustix::fs::ioctl_blksszget(&file).unwrap_or(512)
         } else if direct_io {
             dio_alignment(&file).unwrap_or(512)
         } else {
@@ -156,7 +142,17 @@ impl Backing {
         if size % u64::from(lbs) != 0 {
             bail!("backing file {shown} is {size} bytes, not a multiple of the logical block size {lbs}");
         }
-        let discard = !is_block_device && !opts.read_only && supports_punch_hole(&file);
+        let physical_block_size = if is_block_device {
+            rustix::fs::ioctl_blkpbszget(&file).unwrap_or(lbs)
+        } else {
+            lbs
+        }
+        .max(lbs);
+        // A block device's fallocate works only inside it, where a probe
+        // would change data: it gets neither.
+        let probe = !is_block_device && !opts.read_only;
+        let discard = probe && fallocate_works(&file, file_size, Fallocate::PunchHole);
+        let write_zeroes = discard && fallocate_works(&file, file_size, Fallocate::ZeroRange);
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
         Ok(Self {
             file,
@@ -164,7 +160,9 @@ impl Backing {
             size,
             direct_io,
             logical_block_size: lbs,
+            physical_block_size,
             discard,
+            write_zeroes,
             is_block_device,
         })
     }
@@ -182,18 +180,64 @@ fn dio_alignment(f: &File) -> Option<u32> {
     (st.stx_dio_offset_align > 0).then_some(st.stx_dio_offset_align)
 }
 
-/// Whether the file system holding `f` can punch holes (statfs type).
-fn supports_punch_hole(f: &File) -> bool {
-    const EXT4: i64 = 0xEF53;
-    const XFS: i64 = 0x5846_5342;
-    const BTRFS: i64 = 0x9123_683E;
-    const TMPFS: i64 = 0x0102_1994;
-    match rustix::fs::fstatfs(f) {
-        // `f_type`'s integer type differs between architectures.
-        #[allow(clippy::unnecessary_cast)]
-        Ok(s) => matches!(s.f_type as i64, EXT4 | XFS | BTRFS | TMPFS),
-        Err(_) => false,
+/// The `fallocate` operations a loop device's DISCARD and WRITE_ZEROES
+/// requests become ([`ublk::target::file_entry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallocate {
+    /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: DISCARD, and
+    /// WRITE_ZEROES without `NOUNMAP`.
+    PunchHole,
+    /// `FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE`: WRITE_ZEROES with
+    /// `NOUNMAP` (what mkfs.xfs sends).
+    ZeroRange,
+}
+
+/// Bytes the probe of [`fallocate_works`] covers, and its alignment.
+const PROBE_LEN: u64 = 64 << 10;
+
+/// Whether `op` works on the regular file `f` of `file_size` bytes, tried
+/// for real where it changes nothing the device shows: on a range past the
+/// end of the file, with `FALLOC_FL_KEEP_SIZE` (the size stays). A file
+/// system without the operation says `EOPNOTSUPP` (tmpfs for zero range);
+/// any error counts as "no".
+///
+/// A zero range there allocates (unwritten) blocks beyond the end, which a
+/// punch past the end leaves alone on ext4: if the file holds more blocks
+/// than before, it is truncated to its size (read again just before),
+/// which frees them.
+pub fn fallocate_works(f: &File, file_size: u64, op: Fallocate) -> bool {
+    use rustix::fs::{fallocate, fstat, ftruncate, FallocateFlags as F};
+    let Some(offset) = file_size
+        .div_ceil(PROBE_LEN)
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(PROBE_LEN))
+    else {
+        return false;
+    };
+    let mode = match op {
+        Fallocate::PunchHole => F::PUNCH_HOLE | F::KEEP_SIZE,
+        Fallocate::ZeroRange => F::ZERO_RANGE | F::KEEP_SIZE,
+    };
+    let blocks = |f: &File| fstat(f).map(|st| (st.st_blocks, st.st_size));
+    let before = blocks(f);
+    let works = match fallocate(f, mode, offset, PROBE_LEN) {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("fallocate {op:?} probe: {e}");
+            false
+        }
+    };
+    if let (Ok((was, _)), Ok((now, size))) = (before, blocks(f)) {
+        if now > was {
+            if let Err(e) = u64::try_from(size)
+                .map_err(|_| rustix::io::Errno::INVAL)
+                .and_then(|size| ftruncate(f, size))
+            {
+                log::warn!("cannot free the blocks of the fallocate probe past the end of the backing file: {e}");
+            }
+        }
     }
+    works
 }
 
 /// The loop target: the library's [`FileTarget`] over the backing file
@@ -219,6 +263,130 @@ mod tests {
         let mut f = File::create(&p).unwrap();
         f.write_all(&vec![0u8; len as usize]).unwrap();
         p
+    }
+
+    /// The `f_type` of the file system holding `p`.
+    #[allow(clippy::unnecessary_cast)] // its integer type differs between architectures
+    fn fs_type(p: &Path) -> i64 {
+        rustix::fs::statfs(p).map_or(0, |s| s.f_type as i64)
+    }
+
+    const TMPFS: i64 = 0x0102_1994;
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+
+    /// Probes `p` and checks that the probes left it as it was.
+    fn probe(p: &Path) -> (bool, bool) {
+        use std::os::unix::fs::MetadataExt;
+        let before = std::fs::metadata(p).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
+        let punch = fallocate_works(&f, before.len(), Fallocate::PunchHole);
+        let zero = fallocate_works(&f, before.len(), Fallocate::ZeroRange);
+        let after = std::fs::metadata(p).unwrap();
+        assert_eq!(after.len(), before.len(), "the probe changed the size");
+        assert_eq!(
+            after.blocks(),
+            before.blocks(),
+            "the probe left blocks allocated"
+        );
+        assert!(std::fs::read(p).unwrap().iter().all(|&b| b == 0xa5));
+        (punch, zero)
+    }
+
+    fn patterned(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(format!("{name}-{}", std::process::id()));
+        std::fs::write(&p, vec![0xa5u8; 1 << 20]).unwrap();
+        p
+    }
+
+    #[test]
+    fn tmpfs_punches_holes_but_cannot_zero_ranges() {
+        let dir = Path::new("/dev/shm");
+        if fs_type(dir) != TMPFS {
+            println!("note: /dev/shm is not a tmpfs here; nothing to probe");
+            return;
+        }
+        let p = patterned(dir, "ublk-tools-probe");
+        assert_eq!(probe(&p), (true, false));
+        let b = Backing::open(
+            &p,
+            BackingOptions {
+                buffered: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((b.discard, b.write_zeroes), (true, false));
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_disk_file_system_punches_holes_and_zeroes_ranges() {
+        let dir = std::env::temp_dir();
+        if !matches!(fs_type(&dir), EXT4 | XFS | BTRFS) {
+            println!("note: {} is not on ext4, xfs or btrfs here", dir.display());
+            return;
+        }
+        let p = patterned(&dir, "ublk-tools-probe");
+        assert_eq!(probe(&p), (true, true));
+        let opts = BackingOptions {
+            buffered: true,
+            ..Default::default()
+        };
+        let b = Backing::open(&p, opts).unwrap();
+        assert_eq!((b.discard, b.write_zeroes), (true, true));
+        // Read-only: nothing is probed, nothing offered.
+        let b = Backing::open(
+            &p,
+            BackingOptions {
+                read_only: true,
+                ..opts
+            },
+        )
+        .unwrap();
+        assert_eq!((b.discard, b.write_zeroes), (false, false));
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    /// A block device of this host that opens read-only, with its size,
+    /// logical and physical block size from sysfs.
+    fn some_block_device() -> Option<(PathBuf, u64, u32, u32)> {
+        let read = |p: PathBuf| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+        std::fs::read_dir("/sys/block").ok()?.find_map(|e| {
+            let e = e.ok()?;
+            let sys = e.path();
+            let sectors = read(sys.join("size")).filter(|&n| n > 0)?;
+            let lbs = read(sys.join("queue/logical_block_size"))?;
+            let pbs = read(sys.join("queue/physical_block_size"))?;
+            let dev = Path::new("/dev").join(e.file_name());
+            File::open(&dev).ok()?;
+            Some((dev, sectors * 512, lbs as u32, pbs as u32))
+        })
+    }
+
+    #[test]
+    fn a_block_device_is_measured_without_unsafe_ioctls() {
+        let Some((dev, size, lbs, pbs)) = some_block_device() else {
+            println!("note: no readable block device here");
+            return;
+        };
+        let b = Backing::open(
+            &dev,
+            BackingOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(b.is_block_device);
+        assert_eq!(
+            (b.size, b.logical_block_size, b.physical_block_size),
+            (size, lbs.max(512), pbs.max(lbs).max(512)),
+            "{}",
+            dev.display()
+        );
+        assert!(!b.discard, "no discard probe on a block device");
     }
 
     fn err(p: &Path, o: BackingOptions) -> String {

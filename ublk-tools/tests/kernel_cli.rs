@@ -284,3 +284,144 @@ fn bad_input_one_line_no_device_left() {
     assert!(!o.status.success());
     wait_until("no device left behind", 10, || ublk_nodes().is_empty());
 }
+
+/// Runs `ublk args` with stdout a pipe whose reader is gone, as in
+/// `ublk list | head -0` once head has exited.
+fn with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = rustix::pipe::pipe().expect("pipe");
+    drop(reader);
+    Command::new(bin())
+        .args(args)
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .expect("run ublk")
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn a_closed_stdout_ends_list_features_and_add_quietly() {
+    let _cleanup = Cleanup;
+    let id = first_id(&ok(&["add", "-t", "null"]));
+    for args in [
+        &["list"][..],
+        &["list", "--json"],
+        &["list", "-a"],
+        &["features"],
+    ] {
+        let o = with_closed_stdout(args);
+        assert_eq!(o.status.code(), Some(0), "ublk {args:?}: {o:?}");
+        assert!(o.stderr.is_empty(), "ublk {args:?}: {o:?}");
+    }
+    // add prints after the device is made: the device is whole and served.
+    let before = ublk_nodes();
+    let o = with_closed_stdout(&["add", "-t", "null", "-q", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(o.stderr.is_empty(), "{o:?}");
+    let list = ok(&["list"]);
+    let new: Vec<u32> = list
+        .lines()
+        .filter_map(|l| l.strip_prefix("dev id ")?.split(':').next()?.parse().ok())
+        .filter(|&n| n != id)
+        .collect();
+    assert_eq!(new.len(), 1, "{list}");
+    assert_eq!(dev_state(new[0]), "LIVE");
+    assert_eq!(json(new[0])["nr_hw_queues"], 2);
+    assert!(ublk_nodes().len() > before.len());
+    // The pipelines of the issue, through a shell (POSIX: no PIPESTATUS).
+    let st = scratch().join("pipe-status");
+    let out = sh_out(&format!(
+        "{{ {0} list --json; echo $? > {1}.a; }} | head -0; {{ {0} features; echo $? > {1}.b; }} | true; cat {1}.a {1}.b",
+        bin(),
+        st.display()
+    ));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n0\n");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    ok(&["del", "-a"]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+/// Lazily unmounts a mount point when dropped (before the devices on it
+/// are deleted, so a lazy one).
+struct Unmount(String);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", &self.0]).status();
+    }
+}
+
+/// The kernel log since `marker` was written to /dev/kmsg.
+fn dmesg_since(marker: &str) -> String {
+    let all = sh("dmesg");
+    match all.rfind(marker) {
+        Some(i) => all[i + marker.len()..].to_owned(),
+        None => all,
+    }
+}
+
+fn queue_limit(id: u32, name: &str) -> u64 {
+    sh(&format!("cat /sys/block/ublkb{id}/queue/{name}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn loop_on_tmpfs_offers_no_write_zeroes_and_mkfs_xfs_logs_no_error() {
+    let _cleanup = Cleanup;
+    // On the guest's /tmp (ext4) the file zeroes ranges: WRITE_ZEROES is on.
+    let (_, id) = add_loop("wz.img", "64M", &[]);
+    assert!(queue_limit(id, "write_zeroes_max_bytes") > 0);
+    assert!(queue_limit(id, "discard_max_bytes") > 0);
+    ok(&["del", "-n", &id.to_string()]);
+
+    let mnt = format!("/tmp/mnt-tmpfs-{}", std::process::id());
+    sh(&format!(
+        "mkdir -p {mnt} && mount -t tmpfs -o size=600M tmpfs {mnt} && truncate -s 512M {mnt}/disk.img"
+    ));
+    let _unmount = Unmount(mnt.clone());
+    let id = first_id(&ok(&["add", "-t", "loop", &format!("{mnt}/disk.img")]));
+    // tmpfs punches holes (discard) but cannot zero ranges.
+    assert_eq!(queue_limit(id, "write_zeroes_max_bytes"), 0);
+    assert!(queue_limit(id, "discard_max_bytes") > 0);
+    let marker = format!("ublk-test-mkfs-xfs-on-tmpfs-{}", std::process::id());
+    sh(&format!("echo {marker} > /dev/kmsg"));
+    sh(&format!("mkfs.xfs -q -f /dev/ublkb{id}"));
+    sh(&format!("xfs_repair -n /dev/ublkb{id}"));
+    let log = dmesg_since(&marker);
+    assert!(
+        !log.contains("operation not supported error"),
+        "the kernel logged: {log}"
+    );
+    ok(&["del", "-n", &id.to_string()]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn ublk_null_and_ublk_loop_add_devices_through_their_daemon() {
+    let _cleanup = Cleanup;
+    // `add` runs its own executable again as the daemon: here the wrapper.
+    let o = Command::new(env!("CARGO_BIN_EXE_ublk-null"))
+        .args(["-q", "2"])
+        .output()
+        .expect("run ublk-null");
+    let null = first_id(&succeeded("ublk-null -q 2", o));
+    let img = image("wrapper.img", "64M");
+    let o = Command::new(env!("CARGO_BIN_EXE_ublk-loop"))
+        .arg(&img)
+        .output()
+        .expect("run ublk-loop");
+    let lo = first_id(&succeeded("ublk-loop FILE", o));
+    for (id, target) in [(null, "null"), (lo, "loop")] {
+        assert_eq!(dev_state(id), "LIVE");
+        assert_eq!(json(id)["target"], target);
+    }
+    assert_eq!(json(null)["nr_hw_queues"], 2);
+    sh(&format!(
+        "dd if=/dev/zero of=/dev/ublkb{lo} bs=64k count=16 oflag=direct status=none"
+    ));
+    ok(&["del", "-a"]);
+    wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}

@@ -322,6 +322,10 @@ fn e_unprivileged_device_for_its_owner_only() {
         "no state file in {}",
         user_dir.display()
     );
+    // What the udev rule (udev/99-ublk-unprivileged.rules) asks, as root.
+    for node in [format!("ublkc{id}"), format!("ublkb{id}")] {
+        assert_eq!(ok(&["user_id", &node]), format!("{USER} {USER}\n"));
+    }
     let list = ok_as(USER, &["list"]);
     assert!(list.contains(&format!("dev id {id}:")), "{list}");
     assert!(

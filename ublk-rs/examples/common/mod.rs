@@ -46,29 +46,21 @@ impl fmt::Debug for Failure {
 /// What an example's `main` returns.
 pub type Result<T = ()> = std::result::Result<T, Failure>;
 
-/// The device size from the first argument: bytes, or with a `K`, `M`, `G`
-/// or `T` suffix (powers of 1024); [`DEFAULT_SIZE`] without one.
+/// The device size from the first argument, in the `ublk` command's
+/// syntax ([`ublk::parse_size`]: bytes, or `K`, `M`, `G`, `T` as powers of
+/// 1024, `1.5G` and `1GiB` too); [`DEFAULT_SIZE`] without one.
 pub fn size_arg() -> Result<u64> {
     let Some(arg) = std::env::args().nth(1) else {
         return Ok(DEFAULT_SIZE);
     };
-    let usage = || {
-        let prog = std::env::args().next().unwrap_or_default();
-        format!("usage: {prog} [SIZE]  (e.g. 64M, 1G; default 64M; a multiple of 512 bytes), not {arg:?}")
+    let prog = std::env::args().next().unwrap_or_default();
+    let usage = |why: String| {
+        format!("usage: {prog} [SIZE]  (e.g. 64M, 1.5G; default 64M; a non-zero multiple of 512 bytes): {why}")
     };
-    let (digits, shift) = match arg.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&arg[..i], 10),
-        Some((i, 'm' | 'M')) => (&arg[..i], 20),
-        Some((i, 'g' | 'G')) => (&arg[..i], 30),
-        Some((i, 't' | 'T')) => (&arg[..i], 40),
-        _ => (arg.as_str(), 0),
-    };
-    let size = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .filter(|&n| n > 0 && n % 512 == 0)
-        .ok_or_else(usage)?;
+    let size = ublk::parse_size(&arg).map_err(|e| usage(e.to_string()))?;
+    if size == 0 || size % 512 != 0 {
+        return Err(usage(format!("{arg:?} is {size} bytes")).into());
+    }
     Ok(size)
 }
 

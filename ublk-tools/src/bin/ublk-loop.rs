@@ -1,4 +1,4 @@
-//! `ublk-loop FILE [options]`: `ublk add -t loop`.
+//! `ublk-loop [options] FILE`: `ublk add -t loop`.
 fn main() -> std::process::ExitCode {
-    ublk_tools::run_fixed_target("loop")
+    ublk_tools::main_fixed_target(ublk_tools::cli::TargetKind::Loop)
 }

@@ -1,4 +1,4 @@
 //! `ublk-null [options]`: `ublk add -t null`.
 fn main() -> std::process::ExitCode {
-    ublk_tools::run_fixed_target("null")
+    ublk_tools::main_fixed_target(ublk_tools::cli::TargetKind::Null)
 }

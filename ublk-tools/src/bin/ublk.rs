@@ -1,4 +1,4 @@
 //! `ublk`: create, list and remove ublk block devices.
 fn main() -> std::process::ExitCode {
-    ublk_tools::run(<ublk_tools::cli::Cli as clap::Parser>::parse())
+    ublk_tools::main_ublk()
 }
