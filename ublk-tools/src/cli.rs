@@ -178,6 +178,12 @@ pub struct DevOptions {
     #[arg(long = "io_scheduler", alias = "io-scheduler", default_value = "none", value_parser = parse_scheduler)]
     #[serde(default)]
     pub io_scheduler: String,
+    /// Where each queue's thread runs: `first_cpu` (the default, as kublk
+    /// and rublk: the first CPU the kernel maps to the queue), `queue_cpus`
+    /// (any CPU the kernel maps to the queue) or `unpinned`.
+    #[arg(long = "queue_affinity", value_enum, default_value_t = QueueAffinityArg::FirstCpu)]
+    #[serde(default)]
+    pub queue_affinity: QueueAffinityArg,
     /// Loop: don't use O_DIRECT on the backing file.
     #[arg(long = "buffered_io", alias = "buffered-io")]
     pub buffered_io: bool,
@@ -544,6 +550,40 @@ impl LoopCli {
     }
 }
 
+/// `--queue_affinity`: [`ublk::QueueAffinity`] on the command line.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum QueueAffinityArg {
+    /// The first CPU of the queue's set.
+    #[default]
+    FirstCpu,
+    /// Any CPU of the queue's set.
+    QueueCpus,
+    /// Not pinned.
+    Unpinned,
+}
+
+impl From<QueueAffinityArg> for ublk::QueueAffinity {
+    fn from(a: QueueAffinityArg) -> Self {
+        match a {
+            QueueAffinityArg::FirstCpu => Self::FirstCpu,
+            QueueAffinityArg::QueueCpus => Self::QueueCpus,
+            QueueAffinityArg::Unpinned => Self::Unpinned,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +609,17 @@ mod tests {
         Cli::command().debug_assert();
         NullCli::command().debug_assert();
         LoopCli::command().debug_assert();
+    }
+
+    #[test]
+    fn queue_affinity_defaults_to_the_first_cpu() {
+        assert_eq!(
+            add(&["add", "-t", "null"]).dev.queue_affinity,
+            QueueAffinityArg::FirstCpu
+        );
+        let a = add(&["add", "-t", "null", "--queue_affinity", "queue_cpus"]);
+        assert_eq!(a.dev.queue_affinity, QueueAffinityArg::QueueCpus);
+        assert!(parse(&["add", "-t", "null", "--queue_affinity", "all"]).is_err());
     }
 
     #[test]

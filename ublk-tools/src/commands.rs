@@ -528,12 +528,7 @@ fn serve(
             None => {}
         }
     };
-    // TEMPORARY experiment knob (bench): replaced by a CLI option.
-    match std::env::var("UBLK_EXP_AFFINITY").as_deref() {
-        Ok("queue") => dev.set_queue_affinity(ublk::QueueAffinity::QueueCpus),
-        Ok("none") => dev.set_queue_affinity(ublk::QueueAffinity::Unpinned),
-        _ => {}
-    }
+    dev.set_queue_affinity(a.dev.queue_affinity.into());
     let result = match &shared {
         Some(file) => dev.run(
             if recover {
