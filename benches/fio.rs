@@ -400,21 +400,13 @@ impl Stats {
 
     /// Median over rounds of this run's IOPS / `base`'s in the same round.
     fn ratio_to(&self, base: &Stats) -> Option<f64> {
-        let mut v: Vec<f64> = self
-            .runs
-            .iter()
-            .zip(&base.runs)
-            .map(|(a, b)| (a.ios as f64 / a.secs) / (b.ios as f64 / b.secs))
-            .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        Some(if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        })
+        median(
+            self.runs
+                .iter()
+                .zip(&base.runs)
+                .map(|(a, b)| (a.ios as f64 / a.secs) / (b.ios as f64 / b.secs))
+                .collect(),
+        )
     }
 
     fn cpu_us_per_io(&self) -> Option<f64> {
@@ -982,7 +974,7 @@ const PEER_CLASSES: [(&str, [&str; 3]); 3] = [
 
 /// Median over rounds of `ours`' IOPS / the best peer's in the same round.
 fn ratio_to_best(ours: &Stats, peers: &[&Stats]) -> Option<f64> {
-    let mut v: Vec<f64> = (0..ours.runs.len())
+    let v: Vec<f64> = (0..ours.runs.len())
         .filter_map(|i| {
             let best = peers
                 .iter()
@@ -993,6 +985,11 @@ fn ratio_to_best(ours: &Stats, peers: &[&Stats]) -> Option<f64> {
             Some(r.ios as f64 / r.secs / best)
         })
         .collect();
+    median(v)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

@@ -767,34 +767,39 @@ mod tests {
         assert!(parse(&["del"]).is_err());
         assert!(parse(&["del", "-n", "1", "-a"]).is_err());
         assert!(parse(&["add", "-t", "null", "-d", "x"]).is_err());
-        assert_eq!(
-            refused(&["add", "-t", "null", "-d", "100000"]),
-            "invalid value '100000' for '--depth <DEPTH>': queue depth 100000 is outside 1..=4096"
-        );
-        assert_eq!(
-            refused(&["add", "-t", "null", "-q", "0"]),
-            "invalid value '0' for '--queues <QUEUES>': number of queues 0 is outside 1..=4096"
-        );
-        assert_eq!(
-            refused(&["add", "-t", "null", "--nthreads", "0"]),
-            "invalid value '0' for '--nthreads <NTHREADS>': number of threads 0 is outside 1..=65535"
-        );
-        assert_eq!(
-            refused(&["add", "-t", "null", "--max_io_buf_bytes", "1000"]),
-            "invalid value '1000' for '--max_io_buf_bytes <SIZE>': largest request 1000 bytes must be a multiple of 4096 in 4096..=33554432"
-        );
-        assert_eq!(
-            refused(&["add", "-t", "null", "--size", "garbage"]),
-            "invalid value 'garbage' for '--size <SIZE>': invalid size \"garbage\": not a number with an optional unit (K, M, G, T: powers of 1024)"
-        );
-        assert_eq!(
-            refused(&["add", "-t", "null", "--logical_block_size", "1000"]),
-            "invalid value '1000' for '--logical_block_size <LOGICAL_BLOCK_SIZE>': logical block size 1000 must be a power of two in 512..=4096"
-        );
-        assert_eq!(
-            refused(&["add", "-t", "null", "--debug_mask", "lots"]),
-            "invalid value 'lots' for '--debug_mask <MASK>': debug mask \"lots\" is not a 32-bit number (decimal or 0x hex)"
-        );
+        let cases: [(&[&str], &str); 7] = [
+            (
+                &["add", "-t", "null", "-d", "100000"],
+                "invalid value '100000' for '--depth <DEPTH>': queue depth 100000 is outside 1..=4096",
+            ),
+            (
+                &["add", "-t", "null", "-q", "0"],
+                "invalid value '0' for '--queues <QUEUES>': number of queues 0 is outside 1..=4096",
+            ),
+            (
+                &["add", "-t", "null", "--nthreads", "0"],
+                "invalid value '0' for '--nthreads <NTHREADS>': number of threads 0 is outside 1..=65535",
+            ),
+            (
+                &["add", "-t", "null", "--max_io_buf_bytes", "1000"],
+                "invalid value '1000' for '--max_io_buf_bytes <SIZE>': largest request 1000 bytes must be a multiple of 4096 in 4096..=33554432",
+            ),
+            (
+                &["add", "-t", "null", "--size", "garbage"],
+                "invalid value 'garbage' for '--size <SIZE>': invalid size \"garbage\": not a number with an optional unit (K, M, G, T: powers of 1024)",
+            ),
+            (
+                &["add", "-t", "null", "--logical_block_size", "1000"],
+                "invalid value '1000' for '--logical_block_size <LOGICAL_BLOCK_SIZE>': logical block size 1000 must be a power of two in 512..=4096",
+            ),
+            (
+                &["add", "-t", "null", "--debug_mask", "lots"],
+                "invalid value 'lots' for '--debug_mask <MASK>': debug mask \"lots\" is not a 32-bit number (decimal or 0x hex)",
+            ),
+        ];
+        for (args, message) in cases {
+            assert_eq!(refused(args), message, "{args:?}");
+        }
     }
 
     #[test]
