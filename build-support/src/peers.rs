@@ -38,6 +38,28 @@
 //! resolved next to, i.e. after a new guest kernel; [`update`] asks always.
 //! Builds run in `*.partial-PID` directories renamed into place when done,
 //! so an interrupted or concurrent build never leaves a half-built peer.
+//!
+//! Their command lines (checked in a sid 7.2.13 guest; depth 128 is both
+//! tools' default, kublk's default is 2 queues, rublk's 1):
+//!
+//! ```text
+//! kublk add -t null -q 1|2 -d 128 [--auto_zc | -z]
+//! kublk add -t loop -q 1|2 -d 128 [--auto_zc | -z] FILE      (O_DIRECT)
+//! kublk list -n ID;  kublk del -n ID | -a
+//! rublk add null -q 1|2 -d 128 [-z]
+//! rublk add loop -q 1|2 -d 128 [-z] -f FILE                  (O_DIRECT)
+//! rublk list -n ID;  rublk del -n ID | -a
+//! ```
+//!
+//! kublk `--auto_zc` is `UBLK_F_AUTO_BUF_REG`, `-z` `UBLK_F_SUPPORT_ZERO_COPY`;
+//! rublk `-z` sets both. Both `add`s daemonize and return once the device
+//! is LIVE, printing `dev id N: …` and `\tmax rq size B daemon pid P … state
+//! LIVE` (kublk prints no id with `--quiet`); `list -n N` prints the same,
+//! and `ublk list --json -n N` gives `daemon_pid` for any server's device
+//! (no sysfs file holds the pid). Both `del`s return after the daemon
+//! exited. Largest request: kublk 1 MiB, rublk 512 KiB (`-b 1MiB` raises
+//! it). Neither changes the I/O scheduler (a 1-queue disk gets
+//! `mq-deadline`).
 
 use std::collections::HashMap;
 use std::fs;
