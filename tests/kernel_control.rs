@@ -124,6 +124,40 @@ fn add_info_del_round_trip() {
     assert_eq!(Resources::now().char_devs, before.char_devs);
 }
 
+/// `GET_DEV_INFO`, the fallback of kernels without unprivileged devices
+/// (where `GET_DEV_INFO2` is refused), forced on this kernel: it reports
+/// the device as `GET_DEV_INFO2` does.
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn get_dev_info_fallback_agrees_with_get_dev_info2() {
+    let ctrl = control();
+    let legacy = Control::open()
+        .expect("opening /dev/ublk-control")
+        .without_features(Features::UNPRIVILEGED_DEV);
+    assert!(legacy.require(Features::UNPRIVILEGED_DEV).is_err());
+    let dev = DeviceBuilder::new()
+        .queues(2)
+        .depth(16)
+        .add(ctrl.clone())
+        .expect("adding");
+    let id = dev.id();
+    let v1 = legacy.dev_info(id).expect("GET_DEV_INFO");
+    let newest = ctrl.dev_info(id).expect("the newest GET_DEV_INFO");
+    assert_eq!(v1.id(), id);
+    assert_eq!(v1.nr_queues(), 2);
+    assert_eq!(v1.queue_depth(), 16);
+    assert_eq!(v1.state(), DevState::Dead);
+    assert_eq!(v1.flags(), newest.flags());
+    assert_eq!(v1.owner(), newest.owner());
+    assert_eq!(v1.max_io_buf_bytes(), newest.max_io_buf_bytes());
+    drop(dev);
+    assert_device_gone(id);
+    let e = legacy
+        .dev_info(id)
+        .expect_err("GET_DEV_INFO of a deleted device");
+    assert_eq!(e.errno(), Some(libc::ENODEV), "{e}");
+}
+
 #[test]
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
 fn device_guard_deletes_on_drop() {

@@ -25,8 +25,9 @@ pub const VM_PACKAGES: &[&str] = &[
     "debian-archive-keyring",
 ];
 
-/// Additional packages needed by the full test run (`cargo xtask test`).
-pub const TEST_PACKAGES: &[&str] = &["cpio", "fio", "libclang-dev", "xfsprogs"];
+/// Additional packages needed by the full test run (`cargo xtask test`):
+/// udev for the test of the shipped udev rule (systemd-udevd in the guest).
+pub const TEST_PACKAGES: &[&str] = &["cpio", "fio", "libclang-dev", "udev", "xfsprogs"];
 
 /// The installed version of `pkg`, according to dpkg.
 fn installed_version(pkg: &str) -> Option<String> {

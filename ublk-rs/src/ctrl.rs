@@ -269,6 +269,17 @@ impl Control {
         self.features
     }
 
+    /// This handle, acting as if the kernel lacked `features`: it then
+    /// takes the paths it takes on such a kernel (`GET_DEV_INFO` where
+    /// `UNPRIVILEGED_DEV` is missing, say), and [`require`](Self::require)
+    /// refuses them. For trying a server against an older kernel's feature
+    /// set; the opcode encoding and [`kernel_mask`](Self::kernel_mask) stay
+    /// the kernel's.
+    pub fn without_features(mut self, features: Features) -> Self {
+        self.features -= features;
+        self
+    }
+
     /// The kernel's raw feature mask, including bits this crate does not know.
     #[inline]
     pub fn kernel_mask(&self) -> u64 {

@@ -231,33 +231,61 @@ fn ok_as(uid: u32, args: &[&str]) -> String {
     succeeded(&format!("uid {uid}: ublk {args:?}"), ublk_as(uid, args))
 }
 
-/// What udev does with the rule the kernel documentation gives for
-/// unprivileged devices: hands /dev/ublkcN and /dev/ublkbN to the
-/// device's owner (here: always `USER`). Stops when dropped.
-struct FakeUdev(Child);
+/// systemd-udevd with the shipped rule file
+/// (`ublk-tools/udev/99-ublk-unprivileged.rules`, its `PROGRAM` pointed at
+/// this build's `ublk`) as the only rule of ours, in `/run/udev/rules.d`
+/// (the guest's `/run` is a fresh tmpfs; `/etc` is the host's, read-only).
+/// Stops udevd and removes the rule when dropped.
+struct Udev {
+    udevd: Child,
+    rule: PathBuf,
+}
 
-impl FakeUdev {
+impl Udev {
+    const RULE: &'static str = include_str!("../udev/99-ublk-unprivileged.rules");
+    const UDEVD: &'static str = "/usr/lib/systemd/systemd-udevd";
+
     fn start() -> Self {
-        Self(
-            Command::new("sh")
-                .args([
-                    "-c",
-                    &format!(
-                        "while :; do for f in /dev/ublkc* /dev/ublkb*; do \
-                         [ -e \"$f\" ] && chown {USER}:{USER} \"$f\" 2>/dev/null; done; \
-                         sleep 0.05; done"
-                    ),
-                ])
-                .spawn()
-                .expect("spawn the udev stand-in"),
-        )
+        assert!(
+            Path::new(Self::UDEVD).exists(),
+            "{} is missing: the rig installs Debian's udev",
+            Self::UDEVD
+        );
+        assert!(
+            Self::RULE.contains("/usr/local/bin/ublk user_id %k"),
+            "the rule no longer calls /usr/local/bin/ublk"
+        );
+        let dir = Path::new("/run/udev/rules.d");
+        std::fs::create_dir_all(dir).unwrap();
+        let rule = dir.join("99-ublk-unprivileged.rules");
+        std::fs::write(&rule, Self::RULE.replace("/usr/local/bin/ublk", bin())).unwrap();
+        let udevd = Command::new(Self::UDEVD)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start systemd-udevd");
+        wait_until("udevd's control socket", 30, || {
+            Path::new("/run/udev/control").exists()
+        });
+        Self { udevd, rule }
+    }
+
+    /// Replays the control device's "add" event, as `udevadm trigger` does
+    /// at boot (udevadm itself refuses to trigger or settle in the guest's
+    /// chroot), and waits for the rule's mode.
+    fn trigger_control(&self) {
+        std::fs::write("/sys/class/misc/ublk-control/uevent", "add").unwrap();
+        wait_until("udev to open /dev/ublk-control to all", 30, || {
+            sh("stat -c %a /dev/ublk-control").trim() == "666"
+        });
     }
 }
 
-impl Drop for FakeUdev {
+impl Drop for Udev {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.udevd.kill();
+        let _ = self.udevd.wait();
+        let _ = std::fs::remove_file(&self.rule);
     }
 }
 
@@ -269,8 +297,11 @@ fn e_unprivileged_device_for_its_owner_only() {
         return;
     }
     let mode = sh("stat -c %a /dev/ublk-control");
-    sh("chmod 666 /dev/ublk-control");
-    let _udev = FakeUdev::start();
+    sh("chmod 600 /dev/ublk-control");
+    // The shipped rule opens the control device to everyone and hands each
+    // new device's nodes to the user who added it.
+    let udev = Udev::start();
+    udev.trigger_control();
     let img = image("unpriv.img", "64M");
     sh(&format!("chown {USER}:{USER} {}", img.display()));
     let user_dir = PathBuf::from(format!("/tmp/ublk-{USER}"));
