@@ -1,6 +1,8 @@
 //! `cargo xtask refresh-header`: takes `include/uapi/linux/ublk_cmd.h` from
 //! Debian's newest `linux-source-*` package, commits it unedited to
-//! `ublk-sys/include/`, and regenerates the committed bindings.
+//! `ublk-sys/include/` with the kernel's texts of its licence (GPL-2.0 and
+//! the Linux syscall note, in `include/LICENSES/`), and regenerates the
+//! committed bindings.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,21 +22,6 @@ pub fn resolve(apt: &Apt, suite: Suite) -> Result<(String, String, u64)> {
         .with_context(|| format!("linux-source in {suite} depends on no linux-source-*"))?;
     let (version, size) = apt.version_and_size(&pkg)?;
     Ok((pkg, version, size))
-}
-
-/// Finds the file named `name` under `dir` (depth-first).
-fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
-    for entry in fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
-        let path = entry.path();
-        if path.is_dir() {
-            if let Some(found) = find_file(&path, name) {
-                return Some(found);
-            }
-        } else if entry.file_name().to_string_lossy() == name {
-            return Some(path);
-        }
-    }
-    None
 }
 
 /// Options of `cargo xtask refresh-header`.
@@ -75,9 +62,9 @@ pub fn refresh(opts: &RefreshOptions) -> Result<()> {
         fs::remove_dir_all(&work).with_context(|| format!("cannot remove {}", work.display()))?;
     }
     util::create_dir_all(&work)?;
-    let result = extract_header(&deb, &work);
+    let result = extract_files(&deb, &work);
     let _ = fs::remove_dir_all(&work);
-    let header = result?;
+    let files = result?;
 
     let ws = Workspace::locate()?;
     let include = opts
@@ -85,16 +72,16 @@ pub fn refresh(opts: &RefreshOptions) -> Result<()> {
         .clone()
         .unwrap_or_else(|| ws.root.join("ublk-sys/include"));
     util::create_dir_all(&include)?;
-    let dest = include.join("ublk_cmd.h");
-    fs::write(&dest, &header).with_context(|| format!("cannot write {}", dest.display()))?;
+    for (name, data) in &files {
+        let dest = include.join(name);
+        util::create_dir_all(dest.parent().expect("a file in include/"))?;
+        fs::write(&dest, data).with_context(|| format!("cannot write {}", dest.display()))?;
+        println!("wrote {}", dest.display());
+    }
     let version_file = include.join("KERNEL_VERSION");
     fs::write(&version_file, format!("{upstream}\n"))
         .with_context(|| format!("cannot write {}", version_file.display()))?;
-    println!(
-        "wrote {} and {} ({upstream})",
-        dest.display(),
-        version_file.display()
-    );
+    println!("wrote {} ({upstream})", version_file.display());
 
     if opts.no_bindings {
         return Ok(());
@@ -109,8 +96,20 @@ pub fn refresh(opts: &RefreshOptions) -> Result<()> {
     .context("cannot regenerate the bindings")
 }
 
-/// Extracts ublk_cmd.h from the linux-source .deb, working in `work`.
-fn extract_header(deb: &Path, work: &Path) -> Result<Vec<u8>> {
+/// What `refresh-header` takes from the kernel tree: (path in the tree,
+/// path under `ublk-sys/include/`).
+const FILES: [(&str, &str); 3] = [
+    ("include/uapi/linux/ublk_cmd.h", "ublk_cmd.h"),
+    ("LICENSES/preferred/GPL-2.0", "LICENSES/GPL-2.0"),
+    (
+        "LICENSES/exceptions/Linux-syscall-note",
+        "LICENSES/Linux-syscall-note",
+    ),
+];
+
+/// Extracts [`FILES`] from the linux-source .deb, working in `work`:
+/// (destination under `include/`, contents).
+fn extract_files(deb: &Path, work: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
     eprintln!("extracting {}...", deb.display());
     util::output(Command::new("dpkg").arg("-x").arg(deb).arg(work))
         .with_context(|| format!("cannot extract {}", deb.display()))?;
@@ -132,14 +131,27 @@ fn extract_header(deb: &Path, work: &Path) -> Result<Vec<u8>> {
             .arg(&tarball)
             .arg("-C")
             .arg(&out)
-            .args(["--wildcards", "*/include/uapi/linux/ublk_cmd.h"]),
+            .arg("--wildcards")
+            .args(FILES.iter().map(|(path, _)| format!("*/{path}"))),
     )
-    .with_context(|| format!("cannot extract ublk_cmd.h from {}", tarball.display()))?;
-    let header = find_file(&out, "ublk_cmd.h")
-        .with_context(|| format!("{} holds no ublk_cmd.h", tarball.display()))?;
-    let data = fs::read(&header).with_context(|| format!("cannot read {}", header.display()))?;
-    if data.is_empty() {
-        bail!("{} is empty", header.display());
-    }
-    Ok(data)
+    .with_context(|| format!("cannot extract {FILES:?} from {}", tarball.display()))?;
+    // The tarball's one top directory, linux-source-X.Y.
+    let top = fs::read_dir(&out)
+        .with_context(|| format!("cannot read {}", out.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .with_context(|| format!("{} extracted nothing", tarball.display()))?;
+    FILES
+        .iter()
+        .map(|&(path, dest)| {
+            let file = top.join(path);
+            let data =
+                fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            if data.is_empty() {
+                bail!("{} is empty", file.display());
+            }
+            Ok((dest, data))
+        })
+        .collect()
 }

@@ -125,7 +125,7 @@ enum Cmd {
         /// Only resolve and print the package, download nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Write ublk_cmd.h and KERNEL_VERSION here instead of
+        /// Write ublk_cmd.h, KERNEL_VERSION and LICENSES/ here instead of
         /// ublk-sys/include.
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
