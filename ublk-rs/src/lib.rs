@@ -51,7 +51,9 @@ pub mod params;
 mod pod;
 pub mod queue;
 pub mod size;
+mod stop;
 pub mod target;
+pub mod targets;
 
 pub use ctrl::{Control, DevInfo, DevRef, DevState};
 pub use device::{
@@ -60,9 +62,13 @@ pub use device::{
 pub use error::{Error, Result};
 pub use features::Features;
 pub use params::{Attrs, BasicParams, DiscardParams, Params};
-pub use queue::{CopyMode, Queue, QueueStats, Submit};
+pub use queue::{CopyMode, Queue, QueueStats};
+/// The errno type of [`Error::errno`]: `e.errno() == Some(Errno::BUSY)`.
+pub use rustix::io::Errno;
 pub use size::{parse_size, SizeError};
-pub use target::{FileTarget, Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
+pub use stop::{SignalStop, StopHandle};
+pub use target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Submit, Target};
+pub use targets::{file_entry, FileTarget};
 
 /// Re-exported so targets can build SQEs with the same io-uring version.
 pub use io_uring;

@@ -54,8 +54,7 @@ impl DescArray {
             )
         }
         .map_err(|e| Error::io("mapping the descriptor array")(e.into()))?;
-        let ptr =
-            NonNull::new(ptr.cast()).ok_or_else(|| Error::Invalid("mmap returned NULL".into()))?;
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| Error::config("mmap returned NULL"))?;
         Ok(Self {
             ptr,
             map_len,
@@ -115,7 +114,7 @@ impl IoBuffers {
         let buf_size = page_round_up(buf_size.max(1));
         let map_len = buf_size
             .checked_mul(count.max(1))
-            .ok_or_else(|| Error::Invalid("I/O buffers too large".into()))?;
+            .ok_or_else(|| Error::config("I/O buffers too large"))?;
         // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
         let ptr = unsafe {
             mmap_anonymous(
@@ -126,8 +125,7 @@ impl IoBuffers {
             )
         }
         .map_err(|e| Error::io("allocating I/O buffers")(e.into()))?;
-        let ptr =
-            NonNull::new(ptr.cast()).ok_or_else(|| Error::Invalid("mmap returned NULL".into()))?;
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| Error::config("mmap returned NULL"))?;
         Ok(Self {
             ptr,
             buf_size,
@@ -219,7 +217,7 @@ impl BufRing {
     /// provided (the ring starts full).
     pub fn new(entries: u16, buf_size: usize) -> Result<Self> {
         if !entries.is_power_of_two() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "buffer ring size {entries} is not a power of two"
             )));
         }
@@ -234,8 +232,7 @@ impl BufRing {
             )
         }
         .map_err(|e| Error::io("allocating a buffer ring")(e.into()))?;
-        let ring =
-            NonNull::new(ptr.cast()).ok_or_else(|| Error::Invalid("mmap returned NULL".into()))?;
+        let ring = NonNull::new(ptr.cast()).ok_or_else(|| Error::config("mmap returned NULL"))?;
         let bufs = IoBuffers::new(usize::from(entries), buf_size)?;
         let mut r = Self {
             ring,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use ublk::params::{Attrs, BasicParams, DiscardParams, Params};
-use ublk::{Control, CopyMode, DevInfo, Device, DeviceBuilder, Features, StartKind};
+use ublk::{Control, CopyMode, DevInfo, Device, DeviceBuilder, Errno, Features, StartKind};
 
 use crate::cli::{
     AddArgs, Command, CompletionsArgs, DaemonArgs, DelArgs, ListArgs, StopArgs, TargetKind,
@@ -88,8 +88,8 @@ fn open_control() -> anyhow::Result<Control> {
 /// The info of device `id`, or "device N does not exist".
 fn existing(ctrl: &Control, id: u32) -> anyhow::Result<DevInfo> {
     ctrl.dev_info(id).map_err(|e| match e.errno() {
-        Some(libc::ENODEV | libc::ENOENT) => anyhow!("device {id} does not exist"),
-        Some(libc::EPERM | libc::EACCES) => {
+        Some(Errno::NODEV | Errno::NOENT) => anyhow!("device {id} does not exist"),
+        Some(Errno::PERM | Errno::ACCESS) => {
             anyhow!("permission denied for device {id}: it belongs to another user (or needs root)")
         }
         _ => e.into(),
@@ -147,6 +147,22 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     if (a.dev.recovery_reissue == 1 || a.dev.recovery_fail_io == 1) && a.dev.recovery != 1 {
         return Err(usage("-i 1 and -e 1 need user recovery (-r 1)"));
     }
+    // Combinations the library refuses too, said here with the flags.
+    if a.dev.recovery_reissue == 1 && a.dev.recovery_fail_io == 1 {
+        return Err(usage(
+            "recovery reissue (-i 1) and fail-I/O (-e 1) exclude each other",
+        ));
+    }
+    if a.dev.batch && a.dev.need_get_data {
+        return Err(usage(
+            "batch I/O (-b) does not work with NEED_GET_DATA (-g)",
+        ));
+    }
+    if a.dev.batch && a.dev.per_io_tasks && a.dev.nthreads.is_some_and(|n| n != a.dev.queues) {
+        return Err(usage(
+            "batch I/O (-b) serves whole queues: use as many threads as queues",
+        ));
+    }
     if a.dev.unprivileged && a.dev.recovery == 1 {
         return Err(usage(
             "unprivileged devices cannot use user recovery (-r 1): the kernel forbids it",
@@ -181,7 +197,7 @@ fn builder(a: &AddArgs, kernel: Features) -> anyhow::Result<(DeviceBuilder, Copy
         b = b.max_io_bytes(bytes);
     }
     b.validate().map_err(|e| match e {
-        ublk::Error::Invalid(msg) => usage(msg),
+        ublk::Error::Config(msg) => usage(msg),
         e => e.into(),
     })?;
     Ok((b, mode))
@@ -417,7 +433,7 @@ fn serve(
     let mut dev = if recover {
         let id = a.dev.id.unwrap_or_default();
         Device::recover(Arc::clone(&ctrl), id, mode).map_err(|e| match e.errno() {
-            Some(libc::EBUSY) => {
+            Some(Errno::BUSY) => {
                 let pid = ctrl.dev_info(id).map_or(-1, |i| i.server_pid());
                 anyhow!("device {id} is busy: its server (pid {pid}) is still attached; stop it or wait for it to exit")
             }
@@ -427,7 +443,7 @@ fn serve(
         let dev = builder
             .add(Arc::clone(&ctrl))
             .map_err(|e| match e.errno() {
-                Some(libc::EEXIST) => {
+                Some(Errno::EXIST) => {
                     anyhow!(
                         "device id {} is already in use",
                         a.dev.id.unwrap_or_default()
@@ -698,7 +714,7 @@ fn del(a: &DelArgs) -> anyhow::Result<ExitCode> {
         });
         match r {
             // The daemon deleted it first after our stop: that is success.
-            Err(e) if e.errno() == Some(libc::ENODEV) => {}
+            Err(e) if e.errno() == Some(Errno::NODEV) => {}
             Err(e) => {
                 crate::say("ublk", &format!("deleting device {id}: {e}"));
                 failed = true;
@@ -724,7 +740,7 @@ fn stop(a: &StopArgs) -> anyhow::Result<ExitCode> {
         ctrl.stop_dev(dev)
     };
     match r {
-        Err(e) if a.safe && e.errno() == Some(libc::EBUSY) => {
+        Err(e) if a.safe && e.errno() == Some(Errno::BUSY) => {
             bail!("device {} is open; not stopped (--safe)", a.id)
         }
         r => r?,

@@ -181,7 +181,7 @@ fn dio_alignment(f: &File) -> Option<u32> {
 }
 
 /// The `fallocate` operations a loop device's DISCARD and WRITE_ZEROES
-/// requests become ([`ublk::target::file_entry`]).
+/// requests become ([`ublk::targets::file_entry`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallocate {
     /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: DISCARD, and
