@@ -1,4 +1,5 @@
-//! Memory shared with the kernel, all of it owned by one type, [`Mmap`]:
+//! Memory shared with the kernel, all of it owned by one private `Mmap`
+//! type (one mapping, unmapped on drop), on which are built
 //! the mmapped descriptor array of a queue ([`DescArray`]), the
 //! page-aligned I/O buffers ([`IoBuffers`]) and the provided-buffer ring of
 //! batch I/O ([`BufRing`]).
@@ -325,15 +326,19 @@ mod tests {
         let base = r.base().cast_const();
         // SAFETY: the ring's four entries are initialised by `new`; no
         // `&mut` to them is alive.
-        let entry = |i: usize| unsafe { &*base.add(i) };
+        let entry = |i: usize| unsafe { &*base.wrapping_add(i) };
         for i in 0..4 {
             let e = entry(i);
             assert_eq!(e.bid(), i as u16);
             assert_eq!(e.len(), r.bufs.buf_size() as u32);
             assert_eq!(e.addr(), r.bufs.addr(i).unwrap() as u64);
         }
-        // SAFETY: as above.
-        let tail = || unsafe { *BufRingEntry::tail(base) };
+        let tail = || {
+            // SAFETY: `base` is the ring's first entry.
+            let p = unsafe { BufRingEntry::tail(base) };
+            // SAFETY: `p` is the tail inside the ring; nothing writes it now.
+            unsafe { p.read() }
+        };
         assert_eq!(tail(), 4);
         r.provide(2);
         assert_eq!(tail(), 4, "not visible before publish");

@@ -17,7 +17,7 @@ use crate::cli::{
     UpdateSizeArgs, UserIdArgs,
 };
 use crate::state::{self, DeviceState};
-use crate::targets::{loop_target, Backing, BackingOptions, NullTarget};
+use crate::targets::{loop_target, AnyTarget, Backing, BackingOptions, NullTarget};
 use crate::{emit, usage};
 
 /// Default size of a null device: 250 GiB, like ublksrv and kublk.
@@ -475,7 +475,13 @@ fn serve(
     }
     let id = dev.id();
     let recovery = dev.info().flags().contains(Features::USER_RECOVERY);
-    spawn_signal_thread(Arc::clone(&ctrl), dev.info().dev_ref(), recovery)?;
+    if recovery {
+        leave_for_recovery_on_signals(id)?;
+    } else {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        dev.stop_on_signals(&[SIGTERM, SIGINT, SIGHUP])
+            .context("cannot stop the device on signals")?;
+    }
 
     let backing_file = backing.as_ref().map(|b| b.path.clone());
     let direct_io = backing.as_ref().map(|b| b.direct_io);
@@ -545,26 +551,18 @@ fn serve(
         }
     };
     dev.set_queue_affinity(a.dev.queue_affinity.into());
-    let result = match &shared {
-        Some(file) => dev.run(
-            if recover {
-                StartKind::Recover
-            } else {
-                StartKind::Start
-            },
-            |_| Ok(loop_target(Arc::clone(file), read_only)),
-            on_live,
-        ),
-        None => dev.run(
-            if recover {
-                StartKind::Recover
-            } else {
-                StartKind::Start
-            },
-            |_| Ok(NullTarget),
-            on_live,
-        ),
+    let start = if recover {
+        StartKind::Recover
+    } else {
+        StartKind::Start
     };
+    let make_target = |_| {
+        Ok(match &shared {
+            Some(file) => AnyTarget::Loop(loop_target(Arc::clone(file), read_only)),
+            None => AnyTarget::Null(NullTarget),
+        })
+    };
+    let result = dev.run(start, make_target, on_live);
     if let Ok(stats) = &result {
         for (q, st) in stats.iter().enumerate() {
             let per_enter = |n: u64| n as f64 / st.enters.max(1) as f64;
@@ -604,13 +602,11 @@ pub fn discard_params(discard: bool, write_zeroes: bool, lbs: u32) -> Option<Dis
     })
 }
 
-/// SIGTERM/SIGINT/SIGHUP: stop and delete the device, or, with recovery,
-/// leave it for `ublk recover` and exit.
-fn spawn_signal_thread(
-    ctrl: Arc<Control>,
-    dev: ublk::DevRef,
-    recovery: bool,
-) -> anyhow::Result<()> {
+/// SIGTERM/SIGINT/SIGHUP of a device with user recovery: leave it for
+/// `ublk recover` and exit (the kernel quiesces it once the server is
+/// gone). Other devices are stopped and deleted on these signals by the
+/// library ([`Device::stop_on_signals`]).
+fn leave_for_recovery_on_signals(id: u32) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
@@ -618,20 +614,13 @@ fn spawn_signal_thread(
         .name("ublk-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                if recovery {
-                    crate::say(
-                        "ublk",
-                        &format!(
-                            "signal {sig}: leaving device {} for `ublk recover -n {}` (it has user recovery)",
-                            dev.id, dev.id
-                        ),
-                    );
-                    std::process::exit(0);
-                }
-                log::info!("signal {sig}: stopping device {}", dev.id);
-                if let Err(e) = ctrl.stop_dev(dev) {
-                    log::error!("stopping device {}: {e}", dev.id);
-                }
+                crate::say(
+                    "ublk",
+                    &format!(
+                        "signal {sig}: leaving device {id} for `ublk recover -n {id}` (it has user recovery)"
+                    ),
+                );
+                std::process::exit(0);
             }
         })
         .context("cannot start the signal thread")?;

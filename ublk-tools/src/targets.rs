@@ -251,6 +251,42 @@ pub fn loop_target(backing: Arc<File>, read_only: bool) -> LoopTarget {
     FileTarget::new(backing).read_only(read_only)
 }
 
+/// The target `ublk add -t` picked, so the device is served by one
+/// `Device::run` whatever it is. An enum rather than a `Box<dyn Target>`:
+/// the match is static dispatch, with no virtual call per request.
+#[derive(Debug)]
+pub enum AnyTarget {
+    /// `-t null`.
+    Null(NullTarget),
+    /// `-t loop`.
+    Loop(LoopTarget),
+}
+
+impl Target for AnyTarget {
+    #[inline]
+    fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+        match self {
+            Self::Null(t) => t.handle(sub, req),
+            Self::Loop(t) => t.handle(sub, req),
+        }
+    }
+
+    #[inline]
+    fn complete(&mut self, sub: &mut Submit<'_, '_>, tag: u16, data: u32, res: i32) -> Handled {
+        match self {
+            Self::Null(t) => t.complete(sub, tag, data, res),
+            Self::Loop(t) => t.complete(sub, tag, data, res),
+        }
+    }
+
+    fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
+        match self {
+            Self::Null(t) => t.fixed_files(),
+            Self::Loop(t) => t.fixed_files(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

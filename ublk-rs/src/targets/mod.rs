@@ -1,7 +1,7 @@
 //! Ready-made targets, each in its own file, written against the target
 //! contract ([`crate::target`]) alone:
 //!
-//! - [`FileTarget`] ([`file`]): a loop device over a file or block device,
+//! - [`FileTarget`] ([`mod@file`]): a loop device over a file or block device,
 //!   and [`file_entry`], the SQE it serves a request with.
 
 pub mod file;
