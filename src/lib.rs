@@ -61,6 +61,12 @@ pub fn mem_target(capacity: u64) -> io::Result<MemTarget> {
     Ok(FileTarget::new(Arc::new(memfd("ublk-e2e-mem", capacity)?)))
 }
 
+/// A harness failure as a [`ublk::Error`], so [`TestDevice::start`] has
+/// one error type.
+fn ublk_error(what: &'static str) -> impl FnOnce(io::Error) -> ublk::Error {
+    move |source| ublk::Error::Io { what, source }
+}
+
 /// How long [`TestDevice::start`] waits for the device to go live.
 pub const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -129,7 +135,7 @@ impl TestDevice {
                 drop(dev);
                 let _ = deleted_tx.send(());
             })
-            .map_err(|e| ublk::Error::Invalid(format!("spawning the serving thread: {e}")))?;
+            .map_err(ublk_error("spawning the serving thread"))?;
         let mut td = Self {
             id,
             ctrl,
@@ -143,9 +149,11 @@ impl TestDevice {
                 td.info = info;
                 let disk = td.block_path();
                 if !wait_block_device(&disk, LIVE_TIMEOUT) {
-                    return Err(ublk::Error::Invalid(format!(
-                        "{} is not a block device {LIVE_TIMEOUT:?} after START_DEV",
-                        disk.display()
+                    return Err(ublk_error("starting the test device")(io::Error::other(
+                        format!(
+                            "{} is not a block device {LIVE_TIMEOUT:?} after START_DEV",
+                            disk.display()
+                        ),
                     )));
                 }
                 Ok(td)
@@ -154,12 +162,16 @@ impl TestDevice {
                 // `run` returned without the device going live.
                 Err(match td.wait_run(LIVE_TIMEOUT) {
                     Some(Err(e)) => e,
-                    _ => ublk::Error::Invalid(format!("device {id} never went live")),
+                    _ => ublk_error("starting the test device")(io::Error::other(format!(
+                        "device {id} never went live"
+                    ))),
                 })
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(ublk::Error::Invalid(format!(
-                "device {id} did not go live within {LIVE_TIMEOUT:?}"
-            ))),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(ublk_error("starting the test device")(io::Error::other(
+                    format!("device {id} did not go live within {LIVE_TIMEOUT:?}"),
+                )))
+            }
         }
     }
 

@@ -120,7 +120,7 @@ fn add_info_del_round_trip() {
     let e = ctrl
         .dev_info(id)
         .expect_err("GET_DEV_INFO of a deleted device");
-    assert_eq!(e.errno(), Some(libc::ENODEV), "{e}");
+    assert_eq!(e.errno(), Some(ublk::Errno::NODEV), "{e}");
     assert_eq!(Resources::now().char_devs, before.char_devs);
 }
 
@@ -227,7 +227,7 @@ fn set_and_get_params_round_trip() {
     let e = ctrl
         .queue_affinity(dev.id(), 2)
         .expect_err("affinity of a queue past nr_hw_queues");
-    assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
+    assert_eq!(e.errno(), Some(ublk::Errno::INVAL), "{e}");
 }
 
 #[test]
@@ -311,7 +311,7 @@ fn try_stop_dev_refuses_an_opened_device() {
     let e = ctrl
         .try_stop_dev(dev.id)
         .expect_err("TRY_STOP_DEV of an open disk");
-    assert_eq!(e.errno(), Some(libc::EBUSY), "{e}");
+    assert_eq!(e.errno(), Some(ublk::Errno::BUSY), "{e}");
     drop(f);
     assert!(!dev.is_finished());
     dev.stop().expect("serving");
@@ -351,7 +351,7 @@ fn missing_features_are_refused_by_name() {
     if !missing.is_empty() {
         let r = DeviceBuilder::new().flags(missing).add(ctrl.clone());
         assert!(
-            matches!(r, Err(Error::Unsupported { .. }) | Err(Error::Invalid(_))),
+            matches!(r, Err(Error::Unsupported { .. }) | Err(Error::Config(_))),
             "{r:?}"
         );
     }
@@ -359,4 +359,122 @@ fn missing_features_are_refused_by_name() {
         &ublk::ctrl::char_dev_path(u32::MAX),
         Duration::ZERO
     ));
+}
+
+/// Serves `dev` with RAM targets in a thread; the receiver gets `run`'s
+/// result once the device was also deleted, and whether it went live.
+fn serve_in_background(
+    mut dev: ublk::Device,
+    make_target: impl Fn(u16) -> std::io::Result<ublk_e2e::MemTarget> + Send + Sync + 'static,
+) -> (
+    std::sync::mpsc::Receiver<(ublk_e2e::RunResult, bool)>,
+    std::sync::mpsc::Receiver<DevInfo>,
+) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (live_tx, live_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut went_live = false;
+        let r = dev.run(ublk::StartKind::Start, make_target, |info, _| {
+            went_live = true;
+            let _ = live_tx.send(*info);
+        });
+        drop(dev);
+        let _ = done_tx.send((r, went_live));
+    });
+    (done_rx, live_rx)
+}
+
+fn new_device(ctrl: &Arc<Control>) -> ublk::Device {
+    let mut dev = DeviceBuilder::new()
+        .queues(2)
+        .depth(16)
+        .add(ctrl.clone())
+        .expect("adding a device");
+    let max_io = dev.info().max_io_buf_bytes();
+    dev.set_params(&Params::basic(BasicParams::new(CAP, max_io)))
+        .expect("setting parameters");
+    dev
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn stop_handle_before_start_dev_keeps_the_device_from_starting() {
+    let ctrl = control();
+    // Stopped before `run`, and stopped from a queue thread while the
+    // queues are still being set up: both before START_DEV.
+    for during_setup in [false, true] {
+        let dev = new_device(&ctrl);
+        let id = dev.id();
+        let stop = dev.stop_handle();
+        if !during_setup {
+            stop.stop().expect("stop before run");
+        }
+        let mem = mem_target(CAP).unwrap();
+        let (done, _live) = serve_in_background(dev, move |q| {
+            if during_setup && q == 1 {
+                stop.stop().map_err(std::io::Error::other)?;
+            }
+            Ok(mem.clone())
+        });
+        let (r, went_live) = done
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!("run hung after a stop before START_DEV (during set-up: {during_setup})")
+            });
+        let stats = r.expect("a stopped device's run is Ok");
+        assert!(!went_live, "the device started although stopped first");
+        assert_eq!(stats.iter().map(|s| s.requests).sum::<u64>(), 0);
+        assert_device_gone(id);
+        let e = ctrl.dev_info(id).expect_err("device still exists");
+        assert_eq!(e.errno(), Some(ublk::Errno::NODEV), "{e}");
+    }
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn stop_handle_stops_a_live_device_that_served_io() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let ctrl = control();
+    let dev = new_device(&ctrl);
+    let id = dev.id();
+    let stop = dev.stop_handle();
+    let mem = mem_target(CAP).unwrap();
+    let (done, live) = serve_in_background(dev, move |_| Ok(mem.clone()));
+    live.recv_timeout(Duration::from_secs(60))
+        .expect("the device did not go live");
+    let disk = ublk::ctrl::block_dev_path(id);
+    assert!(ublk_e2e::wait_block_device(&disk, Duration::from_secs(60)));
+    let pattern: Vec<u8> = (0..64 << 10).map(|i| (i * 7 % 251) as u8).collect();
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&pattern).unwrap();
+        f.sync_all().unwrap();
+        let mut back = vec![0u8; pattern.len()];
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.read_exact(&mut back).unwrap();
+        assert!(back == pattern, "read back differs");
+    }
+    // Stopping twice, and after the device is gone, is harmless.
+    stop.stop().expect("stopping a live device");
+    let stopper = stop.clone();
+    std::thread::spawn(move || stopper.stop())
+        .join()
+        .unwrap()
+        .expect("stopping again from another thread");
+    let (r, went_live) = done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("run did not return after StopHandle::stop");
+    assert!(went_live);
+    let stats = r.expect("run of a stopped device");
+    assert!(
+        stats.iter().map(|s| s.requests).sum::<u64>() > 0,
+        "no request was served: {stats:?}"
+    );
+    assert_device_gone(id);
+    stop.stop().expect("stopping a deleted device does nothing");
 }

@@ -96,42 +96,41 @@ const fn len_of<T>() -> u16 {
     size_of::<T>() as u16
 }
 
+/// `$op::new` for the file `$fd` refers to: io-uring's opcode builders take
+/// a `types::Fd` or a `types::Fixed`, two types, hence the one match here.
+macro_rules! uring_cmd_new {
+    ($op:ident, $fd:expr, $opcode:expr) => {
+        match $fd {
+            FileRef::Fd(fd) => $op::new(types::Fd(fd), $opcode),
+            FileRef::Fixed(i) => $op::new(types::Fixed(i), $opcode),
+        }
+    };
+}
+
 #[inline]
 fn uring_cmd80(fd: FileRef, opcode: u32, hdr: &ublksrv_ctrl_cmd) -> Entry128 {
     let mut cmd = [0u8; 80];
     cmd[..size_of::<ublksrv_ctrl_cmd>()].copy_from_slice(hdr.as_bytes());
-    match fd {
-        FileRef::Fd(fd) => UringCmd80::new(types::Fd(fd), opcode).cmd(cmd).build(),
-        FileRef::Fixed(i) => UringCmd80::new(types::Fixed(i), opcode).cmd(cmd).build(),
-    }
+    uring_cmd_new!(UringCmd80, fd, opcode).cmd(cmd).build()
 }
 
 #[inline]
-fn uring_cmd16(fd: FileRef, opcode: u32, io: &ublksrv_io_cmd, sqe_addr: Option<u64>) -> Entry {
-    let mut cmd = [0u8; 16];
-    cmd.copy_from_slice(io.as_bytes());
-    match fd {
-        FileRef::Fd(fd) => UringCmd16::new(types::Fd(fd), opcode)
-            .cmd(cmd)
-            .addr(sqe_addr)
-            .build(),
-        FileRef::Fixed(i) => UringCmd16::new(types::Fixed(i), opcode)
-            .cmd(cmd)
-            .addr(sqe_addr)
-            .build(),
-    }
+fn uring_cmd16(fd: FileRef, opcode: u32, cmd: [u8; 16], sqe_addr: Option<u64>) -> Entry {
+    uring_cmd_new!(UringCmd16, fd, opcode)
+        .cmd(cmd)
+        .addr(sqe_addr)
+        .build()
 }
 
-/// What every control-command builder offers, so code can run any of them.
+/// What [`crate::Control`] needs of a control command to run it: its name
+/// for messages, the unprivileged path prefix, and its SQE.
 pub trait CtrlCommand: Copy {
     /// The command's kernel name, for messages.
     const NAME: &'static str;
-    /// See the builders' `encoding`.
-    fn with_encoding(self, encoding: Encoding) -> Self;
     /// See the builders' `dev_path`.
     fn with_dev_path(self, buf: *mut u8, len: u16, path_len: u16) -> Self;
-    /// The 128-byte SQE for `fd`.
-    fn to_entry(self, fd: FileRef) -> Entry128;
+    /// The 128-byte SQE with the opcode of `encoding`.
+    fn entry(self, encoding: Encoding) -> Entry128;
 }
 
 macro_rules! ctrl_command {
@@ -141,6 +140,7 @@ macro_rules! ctrl_command {
         #[derive(Debug, Clone, Copy)]
         #[must_use = "a builder does nothing until built and submitted"]
         pub struct $name {
+            fd: FileRef,
             hdr: ublksrv_ctrl_cmd,
             encoding: Encoding,
         }
@@ -150,11 +150,12 @@ macro_rules! ctrl_command {
             pub const CODE: u32 = ublk_sys::$ioctl;
             /// The legacy opcode, for commands that have one.
             pub const LEGACY_CODE: Option<u32> = $legacy;
-            /// A new command with its required arguments.
+            /// A new command for the control device `fd`, with its
+            /// required arguments.
             #[inline]
-            #[allow(clippy::new_without_default, clippy::too_many_arguments)]
-            pub fn new($($arg: $ty),*) -> Self {
-                Self { hdr: $hdr, encoding: Encoding::Ioctl }
+            #[allow(clippy::too_many_arguments)]
+            pub fn new(fd: impl Into<FileRef>, $($arg: $ty),*) -> Self {
+                Self { fd: fd.into(), hdr: $hdr, encoding: Encoding::Ioctl }
             }
 
             /// Selects the opcode encoding (default: [`Encoding::Ioctl`]).
@@ -188,26 +189,22 @@ macro_rules! ctrl_command {
                 self.encoding.opcode(Self::CODE, Self::LEGACY_CODE)
             }
 
-            /// The 128-byte SQE for `fd` (the control device).
+            /// The 128-byte SQE.
             #[inline]
-            pub fn build(self, fd: impl Into<FileRef>) -> Entry128 {
-                uring_cmd80(fd.into(), self.opcode(), &self.hdr)
+            pub fn build(self) -> Entry128 {
+                uring_cmd80(self.fd, self.opcode(), &self.hdr)
             }
         }
 
         impl CtrlCommand for $name {
             const NAME: &'static str = stringify!($ioctl);
             #[inline]
-            fn with_encoding(self, encoding: Encoding) -> Self {
-                self.encoding(encoding)
-            }
-            #[inline]
             fn with_dev_path(self, buf: *mut u8, len: u16, path_len: u16) -> Self {
                 self.dev_path(buf, len, path_len)
             }
             #[inline]
-            fn to_entry(self, fd: FileRef) -> Entry128 {
-                self.build(fd)
+            fn entry(self, encoding: Encoding) -> Entry128 {
+                self.encoding(encoding).build()
             }
         }
     };
@@ -383,7 +380,9 @@ macro_rules! io_command {
             /// The 64-byte SQE.
             #[inline]
             pub fn build(self) -> Entry {
-                uring_cmd16(self.fd, self.opcode(), &self.cmd, self.sqe_addr)
+                let mut cmd = [0u8; 16];
+                cmd.copy_from_slice(self.cmd.as_bytes());
+                uring_cmd16(self.fd, self.opcode(), cmd, self.sqe_addr)
             }
         }
     };
@@ -495,16 +494,7 @@ fn batch_entry(
 ) -> Entry {
     let mut cmd = [0u8; 16];
     cmd.copy_from_slice(hdr.as_bytes());
-    let e = match fd {
-        FileRef::Fd(fd) => UringCmd16::new(types::Fd(fd), opcode)
-            .cmd(cmd)
-            .addr(Some(addr))
-            .build(),
-        FileRef::Fixed(i) => UringCmd16::new(types::Fixed(i), opcode)
-            .cmd(cmd)
-            .addr(Some(addr))
-            .build(),
-    };
+    let e = uring_cmd16(fd, opcode, cmd, Some(addr));
     crate::pod::patch_sqe(e, |b| {
         b[SQE_LEN..SQE_LEN + 4].copy_from_slice(&len.to_ne_bytes())
     })

@@ -1,7 +1,6 @@
 //! The control device, `/dev/ublk-control`, and the commands sent to it.
 #![allow(unsafe_code)] // ring submission of entries that carry our buffers
 
-use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -11,7 +10,9 @@ use std::sync::{Mutex, PoisonError};
 use io_uring::{cqueue, squeue, IoUring};
 use ublk_sys::{ublk_params, ublksrv_ctrl_dev_info};
 
-use crate::cmd::{self, CtrlCommand, Encoding, FileRef};
+use rustix::io::Errno;
+
+use crate::cmd::{self, CtrlCommand, Encoding};
 use crate::params::Params;
 use crate::pod::Pod;
 use crate::{Error, Features, Result};
@@ -242,7 +243,7 @@ impl Control {
         let mut mask = 0u64;
         // GET_FEATURES exists from 6.5 on, always ioctl-encoded; before it,
         // the kernel is taken to have the 6.1 set and the legacy opcodes.
-        match ctrl.run(cmd::GetFeatures::new(&mut mask), None, None) {
+        match ctrl.run(cmd::GetFeatures::new(ctrl.fd(), &mut mask), None, None) {
             Ok(_) => {
                 ctrl.kernel_mask = mask;
                 ctrl.features = Features::from_bits_truncate(mask);
@@ -253,7 +254,7 @@ impl Control {
             Err(e)
                 if matches!(
                     e.errno(),
-                    Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOTTY)
+                    Some(Errno::INVAL | Errno::OPNOTSUPP | Errno::NOTTY)
                 ) =>
             {
                 log::debug!("GET_FEATURES unsupported ({e}); assuming the Linux 6.1 feature set");
@@ -353,17 +354,15 @@ impl Control {
         dev: Option<DevRef>,
         payload: Option<&mut [u8]>,
     ) -> Result<i32> {
-        let cmd = cmd.with_encoding(self.encoding);
-        let fd = FileRef::Fd(self.fd.as_raw_fd());
         let res = match dev.filter(|d| d.unprivileged) {
             Some(d) => {
-                let mut buf = path_prefixed(d.id, payload.as_deref())?;
+                let mut buf = path_prefixed(d.id, payload.as_deref());
                 let path_len = buf.len() - payload.as_deref().map_or(0, <[u8]>::len);
-                let len = u16::try_from(buf.len())
-                    .map_err(|_| Error::Invalid("control payload too long".into()))?;
+                // Paths and payloads are a few hundred bytes at most.
+                let len = u16::try_from(buf.len()).unwrap_or(u16::MAX);
                 let entry = cmd
                     .with_dev_path(buf.as_mut_ptr(), len, path_len as u16)
-                    .to_entry(fd);
+                    .entry(self.encoding);
                 // SAFETY: `buf` lives until after `submit` returns.
                 let res = unsafe { self.submit(entry) };
                 if let (Ok(r), Some(p)) = (&res, payload) {
@@ -375,14 +374,17 @@ impl Control {
             }
             // SAFETY: the builder's buffer is `payload` (or none), borrowed
             // mutably for the whole call.
-            None => unsafe { self.submit(cmd.to_entry(fd)) },
+            None => unsafe { self.submit(cmd.entry(self.encoding)) },
         }
-        .map_err(Error::io("submitting a control command"))?;
+        .map_err(|source| Error::Submit {
+            cmd: C::NAME,
+            source,
+        })?;
         if res < 0 {
             Err(Error::Command {
                 cmd: C::NAME,
                 dev_id: dev.map(|d| d.id),
-                errno: -res,
+                errno: Errno::from_raw_os_error(-res),
             })
         } else {
             Ok(res)
@@ -395,7 +397,7 @@ impl Control {
         let mut out = *info;
         let id = out.0.dev_id;
         self.run(
-            cmd::AddDev::new(id, &mut out.0),
+            cmd::AddDev::new(self.fd(), id, &mut out.0),
             (id != u32::MAX)
                 .then_some(id.into())
                 .map(|d: DevRef| DevRef {
@@ -411,28 +413,28 @@ impl Control {
     /// (and so until every opener of `/dev/ublkbN` has closed it).
     pub fn del_dev(&self, dev: impl Into<DevRef>) -> Result<()> {
         let dev = dev.into();
-        self.run(cmd::DelDev::new(dev.id), Some(dev), None)
+        self.run(cmd::DelDev::new(self.fd(), dev.id), Some(dev), None)
             .map(drop)
     }
 
     /// `DEL_DEV_ASYNC`: removes the device without waiting.
     pub fn del_dev_async(&self, dev: impl Into<DevRef>) -> Result<()> {
         let dev = dev.into();
-        self.run(cmd::DelDevAsync::new(dev.id), Some(dev), None)
+        self.run(cmd::DelDevAsync::new(self.fd(), dev.id), Some(dev), None)
             .map(drop)
     }
 
     /// `START_DEV`: exposes `/dev/ublkbN`; every queue must have fetched.
     pub fn start_dev(&self, dev: impl Into<DevRef>, pid: i32) -> Result<()> {
         let dev = dev.into();
-        self.run(cmd::StartDev::new(dev.id, pid), Some(dev), None)
+        self.run(cmd::StartDev::new(self.fd(), dev.id, pid), Some(dev), None)
             .map(drop)
     }
 
     /// `STOP_DEV`: removes `/dev/ublkbN`; the queues see `UBLK_IO_RES_ABORT`.
     pub fn stop_dev(&self, dev: impl Into<DevRef>) -> Result<()> {
         let dev = dev.into();
-        self.run(cmd::StopDev::new(dev.id), Some(dev), None)
+        self.run(cmd::StopDev::new(self.fd(), dev.id), Some(dev), None)
             .map(drop)
     }
 
@@ -440,7 +442,7 @@ impl Control {
     pub fn try_stop_dev(&self, dev: impl Into<DevRef>) -> Result<()> {
         let dev = dev.into();
         self.require(Features::SAFE_STOP_DEV)?;
-        self.run(cmd::TryStopDev::new(dev.id), Some(dev), None)
+        self.run(cmd::TryStopDev::new(self.fd(), dev.id), Some(dev), None)
             .map(drop)
     }
 
@@ -449,7 +451,7 @@ impl Control {
         let dev = dev.into();
         let mut raw = params.to_raw();
         self.run(
-            cmd::SetParams::new(dev.id, &raw),
+            cmd::SetParams::new(self.fd(), dev.id, &raw),
             Some(dev),
             Some(raw.as_bytes_mut()),
         )
@@ -465,7 +467,7 @@ impl Control {
         };
         let ptr: *mut ublk_params = &mut raw;
         self.run(
-            cmd::GetParams::new(dev.id, ptr),
+            cmd::GetParams::new(self.fd(), dev.id, ptr),
             Some(dev),
             Some(raw.as_bytes_mut()),
         )?;
@@ -484,16 +486,20 @@ impl Control {
                 unprivileged: true,
             };
             match self.run(
-                cmd::GetDevInfo2::new(id, ptr),
+                cmd::GetDevInfo2::new(self.fd(), id, ptr),
                 Some(dev),
                 Some(info.0.as_bytes_mut()),
             ) {
                 Ok(_) => return Ok(info),
-                Err(e) if matches!(e.errno(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {}
+                Err(e) if matches!(e.errno(), Some(Errno::INVAL | Errno::OPNOTSUPP)) => {}
                 Err(e) => return Err(e),
             }
         }
-        self.run(cmd::GetDevInfo::new(id, ptr), Some(id.into()), None)?;
+        self.run(
+            cmd::GetDevInfo::new(self.fd(), id, ptr),
+            Some(id.into()),
+            None,
+        )?;
         Ok(info)
     }
 
@@ -503,7 +509,7 @@ impl Control {
         let mut mask = [0u8; 512];
         let len = mask.len() as u16;
         self.run(
-            cmd::GetQueueAffinity::new(dev.id, q_id, mask.as_mut_ptr(), len),
+            cmd::GetQueueAffinity::new(self.fd(), dev.id, q_id, mask.as_mut_ptr(), len),
             Some(dev),
             Some(&mut mask),
         )?;
@@ -515,31 +521,47 @@ impl Control {
     /// `START_USER_RECOVERY`.
     pub fn start_user_recovery(&self, dev: impl Into<DevRef>) -> Result<()> {
         let dev = dev.into();
-        self.run(cmd::StartUserRecovery::new(dev.id), Some(dev), None)
-            .map(drop)
+        self.run(
+            cmd::StartUserRecovery::new(self.fd(), dev.id),
+            Some(dev),
+            None,
+        )
+        .map(drop)
     }
 
     /// `END_USER_RECOVERY` for the new server `pid`.
     pub fn end_user_recovery(&self, dev: impl Into<DevRef>, pid: i32) -> Result<()> {
         let dev = dev.into();
-        self.run(cmd::EndUserRecovery::new(dev.id, pid), Some(dev), None)
-            .map(drop)
+        self.run(
+            cmd::EndUserRecovery::new(self.fd(), dev.id, pid),
+            Some(dev),
+            None,
+        )
+        .map(drop)
     }
 
     /// `UPDATE_SIZE` to `sectors` (512-byte units).
     pub fn update_size(&self, dev: impl Into<DevRef>, sectors: u64) -> Result<()> {
         let dev = dev.into();
         self.require(Features::UPDATE_SIZE)?;
-        self.run(cmd::UpdateSize::new(dev.id, sectors), Some(dev), None)
-            .map(drop)
+        self.run(
+            cmd::UpdateSize::new(self.fd(), dev.id, sectors),
+            Some(dev),
+            None,
+        )
+        .map(drop)
     }
 
     /// `QUIESCE_DEV`, waiting at most `timeout_ms` (0: no limit).
     pub fn quiesce_dev(&self, dev: impl Into<DevRef>, timeout_ms: u64) -> Result<()> {
         let dev = dev.into();
         self.require(Features::QUIESCE)?;
-        self.run(cmd::QuiesceDev::new(dev.id, timeout_ms), Some(dev), None)
-            .map(drop)
+        self.run(
+            cmd::QuiesceDev::new(self.fd(), dev.id, timeout_ms),
+            Some(dev),
+            None,
+        )
+        .map(drop)
     }
 
     /// `REG_BUF`: registers `len` bytes of shared memory at `addr` for
@@ -578,7 +600,7 @@ impl Control {
         };
         let ptr: *const ublk_sys::ublk_shmem_buf_reg = &reg;
         let index = self.run(
-            cmd::RegBuf::new(dev.id, ptr),
+            cmd::RegBuf::new(self.fd(), dev.id, ptr),
             Some(dev),
             Some(reg.as_bytes_mut()),
         )?;
@@ -589,8 +611,12 @@ impl Control {
     /// `UNREG_BUF` of shared buffer `index`.
     pub fn unreg_buf(&self, dev: impl Into<DevRef>, index: u32) -> Result<()> {
         let dev = dev.into();
-        self.run(cmd::UnregBuf::new(dev.id, index), Some(dev), None)
-            .map(drop)
+        self.run(
+            cmd::UnregBuf::new(self.fd(), dev.id, index),
+            Some(dev),
+            None,
+        )
+        .map(drop)
     }
 }
 
@@ -604,6 +630,14 @@ impl std::fmt::Debug for Control {
     }
 }
 
+impl Control {
+    /// The control device, as the command builders take it.
+    #[inline]
+    fn fd(&self) -> io_uring::types::Fd {
+        io_uring::types::Fd(self.fd.as_raw_fd())
+    }
+}
+
 impl AsFd for Control {
     #[inline]
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -612,12 +646,11 @@ impl AsFd for Control {
 }
 
 /// `/dev/ublkcN\0` followed by `payload`.
-fn path_prefixed(id: u32, payload: Option<&[u8]>) -> Result<Vec<u8>> {
-    let path = CString::new(char_dev_path(id).into_os_string().into_encoded_bytes())
-        .map_err(|_| Error::Invalid("char device path contains NUL".into()))?;
-    let mut buf = path.into_bytes_with_nul();
+fn path_prefixed(id: u32, payload: Option<&[u8]>) -> Vec<u8> {
+    let mut buf = char_dev_path(id).into_os_string().into_encoded_bytes();
+    buf.push(0);
     buf.extend_from_slice(payload.unwrap_or_default());
-    Ok(buf)
+    buf
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use crate::ctrl::{char_dev_path, Control, DevInfo};
 use crate::params::Params;
+use rustix::io::Errno;
+
 use crate::queue::{CopyMode, Queue, QueueConfig, QueueStats};
+use crate::stop::{SignalStop, StopHandle};
 use crate::target::Target;
 use crate::{Error, Features, Result};
 
@@ -137,14 +140,14 @@ impl DeviceBuilder {
     /// Checks the arguments without a kernel.
     pub fn validate(&self) -> Result<()> {
         if self.queues == 0 || u32::from(self.queues) > ublk_sys::UBLK_MAX_NR_QUEUES {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "number of queues {} is outside 1..={}",
                 self.queues,
                 ublk_sys::UBLK_MAX_NR_QUEUES
             )));
         }
         if self.depth == 0 || u32::from(self.depth) > ublk_sys::UBLK_MAX_QUEUE_DEPTH {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "queue depth {} is outside 1..={}",
                 self.depth,
                 ublk_sys::UBLK_MAX_QUEUE_DEPTH
@@ -152,7 +155,7 @@ impl DeviceBuilder {
         }
         let max_io_bytes = self.io_bytes();
         if !(4096..=MAX_IO_BYTES).contains(&max_io_bytes) || max_io_bytes % 4096 != 0 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "largest request {} bytes must be a multiple of 4096 in 4096..={MAX_IO_BYTES}",
                 max_io_bytes
             )));
@@ -163,26 +166,25 @@ impl DeviceBuilder {
                 Features::USER_COPY | Features::SUPPORT_ZERO_COPY | Features::AUTO_BUF_REG,
             )
         {
-            return Err(Error::Invalid(
-                "unprivileged devices cannot use zero copy, auto buffer registration or user copy (the kernel forbids it)"
-                    .into(),
+            return Err(Error::config(
+                "unprivileged devices cannot use zero copy, auto buffer registration or user copy (the kernel forbids it)",
             ));
         }
         if f.intersects(
             Features::USER_RECOVERY_REISSUE | Features::USER_RECOVERY_FAIL_IO | Features::QUIESCE,
         ) && !f.contains(Features::USER_RECOVERY)
         {
-            return Err(Error::Invalid(
-                "recovery reissue, fail-I/O and quiesce need user recovery (-r 1)".into(),
+            return Err(Error::config(
+                "recovery reissue, fail-I/O and quiesce need user recovery",
             ));
         }
         if self.per_io() && f.contains(Features::BATCH_IO) {
-            return Err(Error::Invalid(
-                "batch I/O (-b) serves whole queues: use as many threads as queues".into(),
+            return Err(Error::config(
+                "batch I/O serves whole queues: use as many threads as queues",
             ));
         }
         if u32::from(self.threads) > u32::from(self.queues) * u32::from(self.depth) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "{} threads is more than the {} ios of {} queues of depth {}",
                 self.threads,
                 u32::from(self.queues) * u32::from(self.depth),
@@ -191,13 +193,11 @@ impl DeviceBuilder {
             )));
         }
         if f.contains(Features::BATCH_IO | Features::NEED_GET_DATA) {
-            return Err(Error::Invalid(
-                "batch I/O (-b) does not work with NEED_GET_DATA (-g)".into(),
-            ));
+            return Err(Error::config("batch I/O does not work with NEED_GET_DATA"));
         }
         if f.contains(Features::USER_RECOVERY_REISSUE | Features::USER_RECOVERY_FAIL_IO) {
-            return Err(Error::Invalid(
-                "recovery reissue (-i 1) and fail-I/O (-e 1) exclude each other".into(),
+            return Err(Error::config(
+                "recovery reissue and fail-I/O exclude each other",
             ));
         }
         Ok(())
@@ -223,6 +223,8 @@ impl DeviceBuilder {
         raw.state = ublk_sys::UBLK_S_DEV_DEAD as u16;
         let info = ctrl.add_dev(&DevInfo(raw))?;
         let mut dev = Device {
+            stop: StopHandle::new(Arc::clone(&ctrl), info.dev_ref()),
+            signals: None,
             ctrl,
             info,
             cdev: None,
@@ -305,6 +307,9 @@ impl QueueAffinity {
 /// handed off with [`Device::keep`].
 #[derive(Debug)]
 pub struct Device {
+    /// Stops the signal thread first when the guard drops.
+    signals: Option<SignalStop>,
+    stop: StopHandle,
     ctrl: Arc<Control>,
     info: DevInfo,
     cdev: Option<OwnedFd>,
@@ -358,8 +363,8 @@ impl Device {
     pub fn recover(ctrl: Arc<Control>, id: u32, mode: CopyMode) -> Result<Self> {
         let info = ctrl.dev_info(id)?;
         if !info.flags().contains(Features::USER_RECOVERY) {
-            return Err(Error::Invalid(format!(
-                "device {id} was not created with user recovery (-r 1)"
+            return Err(Error::config(format!(
+                "device {id} was not created with user recovery"
             )));
         }
         // The kernel answers EBUSY until the dead server's char device is
@@ -368,7 +373,7 @@ impl Device {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match ctrl.start_user_recovery(info.dev_ref()) {
-                Err(e) if e.errno() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                Err(e) if e.errno() == Some(Errno::BUSY) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 r => break r?,
@@ -378,6 +383,8 @@ impl Device {
         let cdev = open_char_dev(id)?;
         // A failed recovery must not delete the device the user wants back.
         Ok(Self {
+            stop: StopHandle::new(Arc::clone(&ctrl), info.dev_ref()),
+            signals: None,
             ctrl,
             info,
             cdev: Some(cdev),
@@ -414,7 +421,7 @@ impl Device {
         params.validate()?;
         if let Some(b) = &params.basic {
             if b.max_sectors > self.info.max_io_buf_bytes() >> 9 {
-                return Err(Error::Invalid(format!(
+                return Err(Error::config(format!(
                     "largest request of {} sectors exceeds the device's {} bytes",
                     b.max_sectors,
                     self.info.max_io_buf_bytes()
@@ -438,12 +445,31 @@ impl Device {
         if n != 0 && n != self.info.nr_queues() {
             self.ctrl.require(Features::PER_IO_DAEMON)?;
             if self.info.flags().contains(Features::BATCH_IO) {
-                return Err(Error::Invalid(
-                    "batch I/O serves whole queues: use as many threads as queues".into(),
+                return Err(Error::config(
+                    "batch I/O serves whole queues: use as many threads as queues",
                 ));
             }
         }
         self.threads = if n == self.info.nr_queues() { 0 } else { n };
+        Ok(())
+    }
+
+    /// A handle that stops this device from any thread, at any time: before
+    /// [`Device::run`] brought it up (it then never starts, and `run`
+    /// returns once its queues are set up), while it is live, and after
+    /// it was deleted (nothing happens).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Stops the device on the first of `signals` (typically `SIGINT` and
+    /// `SIGTERM`, e.g. from `signal_hook::consts`), for as long as this
+    /// guard lives: the usual way for a server to end on Ctrl-C. Call it
+    /// right after [`DeviceBuilder::add`], so that no signal kills the
+    /// process while the device exists; see [`StopHandle::stop_on_signals`]
+    /// to manage the signal thread yourself.
+    pub fn stop_on_signals(&mut self, signals: &[std::os::raw::c_int]) -> Result<()> {
+        self.signals = Some(self.stop.stop_on_signals(signals)?);
         Ok(())
     }
 
@@ -460,7 +486,13 @@ impl Device {
     /// Serves the device: one thread per queue (pinned to the queue's CPUs),
     /// each with a target from `make_target(q_id)`; brings the device up
     /// with `start`; calls `on_live` once it is; returns when every queue
-    /// has stopped (after `STOP_DEV` from anyone, or the server's death).
+    /// has stopped (after `STOP_DEV` from anyone, a [`StopHandle::stop`],
+    /// or the server's death).
+    ///
+    /// A stop asked for before the device is live keeps it from starting:
+    /// `run` then returns `Ok` as soon as the queues are set up, without
+    /// calling `on_live`. If a queue cannot be set up, the device is not
+    /// started and the error is that queue's ([`Error::QueueSetup`]).
     pub fn run<T, F, L>(
         &mut self,
         start: StartKind,
@@ -475,26 +507,27 @@ impl Device {
         let cdev = self
             .cdev
             .as_ref()
-            .ok_or_else(|| Error::Invalid("device has no char device".into()))?;
+            .ok_or_else(|| Error::config("the device has no char device open"))?;
         let capacity_sectors = self
             .params
             .and_then(|p| p.basic)
             .map(|b| b.dev_sectors)
-            .ok_or_else(|| {
-                Error::Invalid("set the basic parameters before running the device".into())
-            })?;
+            .ok_or_else(|| Error::config("set the basic parameters before running the device"))?;
         let dev = self.info.dev_ref();
         let nr = self.info.nr_queues();
         let ctrl = &self.ctrl;
+        let stop = &self.stop;
         let info = self.info;
         let mode = self.mode;
         let threads = self.threads;
         let policy = self.affinity;
         let make_target = &make_target;
         let result = std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<Result<QueueInfo>>();
-            let mut handles = Vec::with_capacity(usize::from(nr));
+            // Each worker reports once: its queue info when set up, `None`
+            // when set-up failed (its thread returns the error).
+            let (tx, rx) = mpsc::channel::<Option<QueueInfo>>();
             let workers = assign_ios(nr, info.queue_depth(), threads);
+            let mut handles = Vec::with_capacity(workers.len());
             let nr_workers = workers.len();
             for ios in workers {
                 let tx = tx.clone();
@@ -517,7 +550,7 @@ impl Device {
                     batch: info.flags().contains(Features::BATCH_IO),
                 };
                 let cdev = cdev.as_fd();
-                let h = std::thread::Builder::new()
+                let spawned = std::thread::Builder::new()
                     .name(format!("ublk{}q{q_id}", info.id()))
                     .spawn_scoped(s, move || -> Result<QueueStats> {
                         pin_to(&affinity);
@@ -528,64 +561,81 @@ impl Device {
                             q.fetch_all()?;
                             Ok((target, q))
                         })();
-                        match setup {
-                            Ok((mut target, q)) => {
-                                let tid = rustix::thread::gettid().as_raw_nonzero().get();
-                                let _ = tx.send(Ok(QueueInfo {
-                                    q_id,
-                                    tid,
-                                    affinity,
-                                }));
-                                drop(tx);
-                                q.run(&mut target)
-                            }
+                        let (mut target, q) = match setup {
+                            Ok(ready) => ready,
                             Err(e) => {
-                                let msg = e.to_string();
-                                let _ = tx.send(Err(e));
-                                Err(Error::Invalid(msg))
+                                let _ = tx.send(None);
+                                return Err(Error::QueueSetup {
+                                    q_id,
+                                    source: Box::new(e),
+                                });
                             }
-                        }
-                    })
-                    .map_err(Error::io("spawning a queue thread"))?;
-                handles.push(h);
-            }
-            drop(tx);
-            let mut queues = Vec::with_capacity(nr_workers);
-            let mut failure = None;
-            for r in rx.iter().take(nr_workers) {
-                match r {
-                    Ok(q) => queues.push(q),
+                        };
+                        let tid = rustix::thread::gettid().as_raw_nonzero().get();
+                        let _ = tx.send(Some(QueueInfo {
+                            q_id,
+                            tid,
+                            affinity,
+                        }));
+                        drop(tx);
+                        q.run(&mut target)
+                    });
+                match spawned {
+                    Ok(h) => handles.push((q_id, h)),
                     Err(e) => {
-                        failure.get_or_insert(e);
+                        // Once the threads already running have fetched (or
+                        // failed), STOP_DEV cancels their commands.
+                        for _ in rx.iter().take(handles.len()) {}
+                        let _ = ctrl.stop_dev(dev);
+                        for (_, h) in handles {
+                            let _ = h.join();
+                        }
+                        return Err(Error::io("spawning a queue thread")(e));
                     }
                 }
             }
-            let started = match failure {
-                Some(e) => Err(e),
-                None => match start {
+            drop(tx);
+            let mut queues = Vec::with_capacity(nr_workers);
+            let mut set_up = true;
+            for r in rx.iter().take(nr_workers) {
+                match r {
+                    Some(q) => queues.push(q),
+                    None => set_up = false,
+                }
+            }
+            let started = if set_up {
+                stop.start_unless_stopped(|| match start {
                     StartKind::Start => ctrl.start_dev(dev, std::process::id() as i32),
                     StartKind::Recover => ctrl.end_user_recovery(dev, std::process::id() as i32),
-                },
+                })
+            } else {
+                Ok(false)
             };
             match started {
-                Ok(()) => {
+                Ok(true) => {
                     queues.sort_by_key(|q| q.q_id);
                     let live = ctrl.dev_info(dev.id).unwrap_or(info);
                     on_live(&live, &queues);
                 }
-                // Cancels the commands the queues fetched, so they return.
-                Err(_) => {
+                // Not started (a failed queue, a stop asked for, or a
+                // refused start): cancels the commands the queues fetched,
+                // so they return.
+                Ok(false) | Err(_) => {
                     let _ = ctrl.stop_dev(dev);
                 }
             }
             let mut stats = Vec::with_capacity(handles.len());
-            for h in handles {
-                match h.join() {
-                    Ok(r) => stats.push(r),
-                    Err(_) => stats.push(Err(Error::Invalid("a queue thread panicked".into()))),
-                }
+            for (q_id, h) in handles {
+                stats.push(h.join().unwrap_or(Err(Error::QueuePanicked { q_id })));
             }
             started?;
+            // A queue's set-up error comes first: it is why nothing ran.
+            if let Some(i) = stats
+                .iter()
+                .position(|r| matches!(r, Err(Error::QueueSetup { .. })))
+            {
+                stats.swap_remove(i)?;
+            }
             stats.into_iter().collect::<Result<Vec<_>>>()
         });
         self.info = self.ctrl.dev_info(self.info.id()).unwrap_or(self.info);
@@ -637,6 +687,10 @@ fn pin_to(cpus: &[usize]) {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        // The signal thread first (it may be stopping us right now), then
+        // no stop handle may touch the id again (it may be reused).
+        drop(self.signals.take());
+        self.stop.retire();
         // Kernel order: stop (aborts the queues' commands), release the
         // char device (DEL_DEV waits for its last close), then delete.
         if !self.armed {
@@ -650,7 +704,7 @@ impl Drop for Device {
         match self.ctrl.del_dev(dev) {
             Ok(()) => {}
             // Someone else's DEL_DEV (`ublk del`) got there first.
-            Err(e) if e.errno() == Some(libc::ENODEV) => {
+            Err(e) if e.errno() == Some(Errno::NODEV) => {
                 log::debug!("device {} was already deleted", dev.id);
             }
             Err(e) => log::warn!("deleting device {}: {e}", dev.id),

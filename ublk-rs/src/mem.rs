@@ -1,10 +1,16 @@
-//! Memory shared with the kernel: the mmapped descriptor array of a queue,
-//! and the page-aligned I/O buffers.
+//! Memory shared with the kernel, all of it owned by one private `Mmap`
+//! type (one mapping, unmapped on drop), on which are built
+//! the mmapped descriptor array of a queue ([`DescArray`]), the
+//! page-aligned I/O buffers ([`IoBuffers`]) and the provided-buffer ring of
+//! batch I/O ([`BufRing`]).
 #![allow(unsafe_code)]
 
+use std::io;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
 
+use io_uring::types::BufRingEntry;
 use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 use ublk_sys::ublksrv_io_desc;
 
@@ -17,18 +23,90 @@ pub(crate) fn page_round_up(n: usize) -> usize {
     n.div_ceil(page) * page
 }
 
-/// Queue `q_id`'s descriptor array: the kernel's read-only `ublksrv_io_desc`
-/// per tag, mapped from `/dev/ublkcN`. Unmapped on drop.
+/// One memory mapping, unmapped on drop (as io-uring's `util::Mmap`): the
+/// only owner of mapped memory in this crate. What may be done with the
+/// memory is up to the type built on it.
 #[derive(Debug)]
-pub struct DescArray {
-    ptr: NonNull<ublksrv_io_desc>,
-    map_len: usize,
-    depth: u16,
+pub(crate) struct Mmap {
+    addr: NonNull<u8>,
+    len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory, valid in every thread of the
-// process until `drop`; we only ever read it by volatile copies.
-unsafe impl Send for DescArray {}
+// SAFETY: a mapping is plain memory, valid in every thread of the process
+// until `drop`; `Mmap` hands out only raw pointers, and the types built on
+// it mediate access (`&mut self`, volatile reads, atomics).
+unsafe impl Send for Mmap {}
+
+impl Mmap {
+    /// `len` bytes of `fd` from `offset`, shared with the kernel, read-only,
+    /// faulted in at once.
+    fn shared_read_only(fd: impl AsFd, offset: u64, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh mapping at an address the kernel chooses; nothing
+        // else refers to that range.
+        let addr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED | MapFlags::POPULATE,
+                fd,
+                offset,
+            )
+        }?;
+        Self::owning(addr, len)
+    }
+
+    /// `len` bytes of private, zero-filled, read-write memory (faulted in
+    /// lazily).
+    fn anonymous(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let addr = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }?;
+        Self::owning(addr, len)
+    }
+
+    fn owning(addr: *mut std::ffi::c_void, len: usize) -> io::Result<Self> {
+        // mmap without MAP_FIXED never returns address 0.
+        let addr = NonNull::new(addr.cast()).ok_or(io::ErrorKind::AddrNotAvailable)?;
+        Ok(Self { addr, len })
+    }
+
+    /// The first byte.
+    #[inline]
+    fn as_ptr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+
+    /// The mapped length in bytes.
+    #[inline]
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; the types built on it hand out no
+        // borrow that outlives them, and so none that outlives this.
+        if let Err(e) = unsafe { munmap(self.addr.as_ptr().cast(), self.len) } {
+            log::warn!("munmap of {} bytes failed: {e}", self.len);
+        }
+    }
+}
+
+/// Queue `q_id`'s descriptor array: the kernel's read-only `ublksrv_io_desc`
+/// per tag, mapped from `/dev/ublkcN`.
+#[derive(Debug)]
+pub struct DescArray {
+    map: Mmap,
+    depth: u16,
+}
 
 impl DescArray {
     /// Maps queue `q_id` of a device of queue depth `depth`.
@@ -41,26 +119,9 @@ impl DescArray {
         let stride = page_round_up(ublk_sys::UBLK_MAX_QUEUE_DEPTH as usize * desc);
         let map_len = page_round_up(usize::from(depth) * desc);
         let offset = u64::from(ublk_sys::UBLKSRV_CMD_BUF_OFFSET) + u64::from(q_id) * stride as u64;
-        // SAFETY: a fresh shared read-only mapping at an address the kernel
-        // chooses; nothing else refers to that range.
-        let ptr = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                map_len,
-                ProtFlags::READ,
-                MapFlags::SHARED | MapFlags::POPULATE,
-                cdev,
-                offset,
-            )
-        }
-        .map_err(|e| Error::io("mapping the descriptor array")(e.into()))?;
-        let ptr =
-            NonNull::new(ptr.cast()).ok_or_else(|| Error::Invalid("mmap returned NULL".into()))?;
-        Ok(Self {
-            ptr,
-            map_len,
-            depth,
-        })
+        let map = Mmap::shared_read_only(cdev, offset, map_len)
+            .map_err(Error::io("mapping the descriptor array"))?;
+        Ok(Self { map, depth })
     }
 
     /// A copy of tag `tag`'s descriptor, or `None` past the queue depth.
@@ -72,10 +133,14 @@ impl DescArray {
         if tag >= self.depth {
             return None;
         }
-        // SAFETY: `tag < depth`, and the mapping holds `depth` descriptors
-        // (rounded up to pages), so the element is inside it and aligned
-        // (the mapping is page-aligned, the stride is `size_of`).
-        let p = self.ptr.as_ptr().wrapping_add(usize::from(tag));
+        // `tag < depth`, and the mapping holds `depth` descriptors (rounded
+        // up to pages), so the element is inside it and aligned (the
+        // mapping is page-aligned, the stride is `size_of`).
+        let p = self
+            .map
+            .as_ptr()
+            .cast::<ublksrv_io_desc>()
+            .wrapping_add(usize::from(tag));
         // SAFETY: (as above) `p` is in bounds, aligned and readable.
         Some(unsafe { p.read_volatile() })
     }
@@ -87,60 +152,37 @@ impl DescArray {
     }
 }
 
-impl Drop for DescArray {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping and hand out no references into it.
-        if let Err(e) = unsafe { munmap(self.ptr.as_ptr().cast(), self.map_len) } {
-            log::warn!("munmap of the descriptor array failed: {e}");
-        }
-    }
-}
-
 /// One page-aligned buffer per tag, `buf_size` bytes each, in one anonymous
-/// mapping (faulted in lazily). Unmapped on drop.
+/// mapping (faulted in lazily).
 #[derive(Debug)]
 pub struct IoBuffers {
-    ptr: NonNull<u8>,
+    map: Mmap,
     buf_size: usize,
     count: usize,
-    map_len: usize,
 }
-
-// SAFETY: plain private memory; access is mediated by `&mut self`.
-unsafe impl Send for IoBuffers {}
 
 impl IoBuffers {
     /// `count` buffers of `buf_size` bytes (rounded up to pages).
     pub fn new(count: usize, buf_size: usize) -> Result<Self> {
         let buf_size = page_round_up(buf_size.max(1));
-        let map_len = buf_size
-            .checked_mul(count.max(1))
-            .ok_or_else(|| Error::Invalid("I/O buffers too large".into()))?;
-        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-        let ptr = unsafe {
-            mmap_anonymous(
-                std::ptr::null_mut(),
-                map_len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-            )
-        }
-        .map_err(|e| Error::io("allocating I/O buffers")(e.into()))?;
-        let ptr =
-            NonNull::new(ptr.cast()).ok_or_else(|| Error::Invalid("mmap returned NULL".into()))?;
+        let map_len = buf_size.checked_mul(count.max(1)).ok_or_else(|| {
+            Error::config(format!(
+                "{count} I/O buffers of {buf_size} bytes do not fit in memory"
+            ))
+        })?;
+        let map = Mmap::anonymous(map_len).map_err(Error::io("allocating I/O buffers"))?;
         Ok(Self {
-            ptr,
+            map,
             buf_size,
             count,
-            map_len,
         })
     }
 
     /// The address of buffer `i` (what the kernel is told), or `None`.
     #[inline]
     pub fn addr(&self, i: usize) -> Option<*mut u8> {
-        // SAFETY: `i < count`, so the offset stays inside the mapping.
-        (i < self.count).then(|| unsafe { self.ptr.as_ptr().add(i * self.buf_size) })
+        // `i < count`, so the offset stays inside the mapping.
+        (i < self.count).then(|| self.map.as_ptr().wrapping_add(i * self.buf_size))
     }
 
     /// The first `len` bytes of buffer `i` (`None` if out of range).
@@ -160,86 +202,36 @@ impl IoBuffers {
     }
 }
 
-impl Drop for IoBuffers {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping; borrows of it end with `&mut self`.
-        if let Err(e) = unsafe { munmap(self.ptr.as_ptr().cast(), self.map_len) } {
-            log::warn!("munmap of I/O buffers failed: {e}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buffers_are_page_aligned_and_disjoint() {
-        let mut b = IoBuffers::new(4, 5000).unwrap();
-        let page = rustix::param::page_size();
-        assert_eq!(b.buf_size(), 2 * page);
-        for i in 0..4 {
-            assert_eq!(b.addr(i).unwrap() as usize % page, 0);
-        }
-        assert!(b.addr(4).is_none());
-        b.slice_mut(1, 8).unwrap().copy_from_slice(b"abcdefgh");
-        assert_eq!(b.slice_mut(0, 8).unwrap(), &[0u8; 8]);
-        assert!(b.slice_mut(1, 2 * page + 1).is_none());
-    }
-
-    #[test]
-    fn descriptor_stride_comes_from_the_type() {
-        assert_eq!(size_of::<ublksrv_io_desc>(), 24);
-        // 4096 descriptors of 24 bytes are exactly 24 pages of 4 KiB.
-        assert_eq!(page_round_up(4096 * size_of::<ublksrv_io_desc>()), 98304);
-        assert_eq!(page_round_up(1), rustix::param::page_size());
-    }
-}
-
 /// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`) with its buffers:
-/// `entries` slots of `struct io_uring_buf` (16 bytes), the tail in the
-/// first slot's last two bytes, and one buffer of `buf_size` bytes per slot.
-/// Used by batch I/O's multishot `FETCH_IO_CMDS`, which fills a buffer with
-/// the tags of new requests.
+/// `entries` slots of `struct io_uring_buf` ([`BufRingEntry`]), the tail
+/// in the first slot's `resv` field, and one buffer of `buf_size` bytes per
+/// slot. Used by batch I/O's multishot `FETCH_IO_CMDS`, which fills a
+/// buffer with the tags of new requests.
+///
+/// The io_uring it is registered with must be closed before it is dropped.
 #[derive(Debug)]
 pub struct BufRing {
-    ring: NonNull<u8>,
-    ring_len: usize,
+    ring: Mmap,
     bufs: IoBuffers,
     entries: u16,
+    /// Our copy of the tail: entries below it are provided.
     tail: u16,
 }
-
-// SAFETY: plain memory shared with the kernel; all access is through
-// `&mut self` (ours) or atomics/volatile (the tail, and the kernel's reads).
-unsafe impl Send for BufRing {}
 
 impl BufRing {
     /// A ring of `entries` (a power of two) buffers of `buf_size` bytes, all
     /// provided (the ring starts full).
     pub fn new(entries: u16, buf_size: usize) -> Result<Self> {
         if !entries.is_power_of_two() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "buffer ring size {entries} is not a power of two"
             )));
         }
-        let ring_len = page_round_up(usize::from(entries) * 16);
-        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-        let ptr = unsafe {
-            mmap_anonymous(
-                std::ptr::null_mut(),
-                ring_len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-            )
-        }
-        .map_err(|e| Error::io("allocating a buffer ring")(e.into()))?;
-        let ring =
-            NonNull::new(ptr.cast()).ok_or_else(|| Error::Invalid("mmap returned NULL".into()))?;
+        let ring_len = page_round_up(usize::from(entries) * size_of::<BufRingEntry>());
+        let ring = Mmap::anonymous(ring_len).map_err(Error::io("allocating a buffer ring"))?;
         let bufs = IoBuffers::new(usize::from(entries), buf_size)?;
         let mut r = Self {
             ring,
-            ring_len,
             bufs,
             entries,
             tail: 0,
@@ -263,39 +255,43 @@ impl BufRing {
         self.entries
     }
 
+    #[inline]
+    fn base(&self) -> *mut BufRingEntry {
+        self.ring.as_ptr().cast()
+    }
+
     /// Puts buffer `bid` back at the tail (visible after [`BufRing::publish`]).
     #[inline]
     pub fn provide(&mut self, bid: u16) {
         let Some(addr) = self.bufs.addr(usize::from(bid)) else {
             return;
         };
-        let slot = usize::from(self.tail & (self.entries - 1)) * 16;
-        let mut entry = [0u8; 14];
-        entry[..8].copy_from_slice(&(addr as u64).to_ne_bytes());
-        entry[8..12].copy_from_slice(&(self.bufs.buf_size() as u32).to_ne_bytes());
-        entry[12..14].copy_from_slice(&bid.to_ne_bytes());
-        // `slot + 14 <= entries * 16 <= ring_len`; bytes 14..16 of slot 0
-        // are the tail, which this write does not touch.
-        let dst = self.ring.as_ptr().wrapping_add(slot);
-        // SAFETY: `dst..dst + 14` is inside the ring mapping (see above),
-        // which only this `&mut self` writes from userspace.
-        unsafe { std::ptr::copy_nonoverlapping(entry.as_ptr(), dst, 14) };
+        debug_assert!(usize::from(self.entries) * size_of::<BufRingEntry>() <= self.ring.len());
+        let slot = self
+            .base()
+            .wrapping_add(usize::from(self.tail & (self.entries - 1)));
+        // SAFETY: `slot` is one of the `entries` slots inside the ring
+        // mapping, aligned (page-aligned base, stride `size_of`). It is past
+        // the published tail, so the kernel does not read it until the next
+        // `publish`, and only this `&mut self` writes the ring. The setters
+        // leave `resv` (slot 0's is the tail) alone.
+        let entry = unsafe { &mut *slot };
+        entry.set_addr(addr as u64);
+        entry.set_len(self.bufs.buf_size() as u32);
+        entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
     }
 
     /// Makes provided buffers visible to the kernel (store-release of the tail).
     #[inline]
     pub fn publish(&self) {
-        let p = self
-            .ring
-            .as_ptr()
-            .wrapping_add(14)
-            .cast::<std::sync::atomic::AtomicU16>();
-        // SAFETY: offset 14 of the page-aligned ring is 2-aligned and in
-        // bounds; the kernel reads the tail with acquire semantics, so it is
-        // accessed only atomically here.
-        let tail = unsafe { &*p };
-        tail.store(self.tail, std::sync::atomic::Ordering::Release);
+        // SAFETY: `base` is the page-aligned first entry of the live ring.
+        let tail = unsafe { BufRingEntry::tail(self.base()) };
+        // SAFETY: the tail is a 2-aligned `u16` inside the mapping; the
+        // kernel reads it with acquire semantics and never writes it, so
+        // it is accessed only atomically here.
+        let tail = unsafe { AtomicU16::from_ptr(tail.cast_mut()) };
+        tail.store(self.tail, Ordering::Release);
     }
 
     /// The first `len` bytes of buffer `bid` (what the kernel wrote).
@@ -305,12 +301,59 @@ impl BufRing {
     }
 }
 
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping; the ring that used it is dropped first
-        // (it is declared before us in `Queue`).
-        if let Err(e) = unsafe { munmap(self.ring.as_ptr().cast(), self.ring_len) } {
-            log::warn!("munmap of a buffer ring failed: {e}");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_page_aligned_and_disjoint() {
+        let mut b = IoBuffers::new(4, 5000).unwrap();
+        let page = rustix::param::page_size();
+        assert_eq!(b.buf_size(), 2 * page);
+        for i in 0..4 {
+            assert_eq!(b.addr(i).unwrap() as usize % page, 0);
         }
+        assert!(b.addr(4).is_none());
+        b.slice_mut(1, 8).unwrap().copy_from_slice(b"abcdefgh");
+        assert_eq!(b.slice_mut(0, 8).unwrap(), &[0u8; 8]);
+        assert!(b.slice_mut(1, 2 * page + 1).is_none());
+    }
+
+    #[test]
+    fn a_buffer_ring_starts_full_and_recycles_at_the_tail() {
+        assert!(matches!(BufRing::new(6, 64), Err(Error::Config(_))));
+        let mut r = BufRing::new(4, 64).unwrap();
+        let base = r.base().cast_const();
+        // SAFETY: the ring's four entries are initialised by `new`; no
+        // `&mut` to them is alive.
+        let entry = |i: usize| unsafe { &*base.wrapping_add(i) };
+        for i in 0..4 {
+            let e = entry(i);
+            assert_eq!(e.bid(), i as u16);
+            assert_eq!(e.len(), r.bufs.buf_size() as u32);
+            assert_eq!(e.addr(), r.bufs.addr(i).unwrap() as u64);
+        }
+        let tail = || {
+            // SAFETY: `base` is the ring's first entry.
+            let p = unsafe { BufRingEntry::tail(base) };
+            // SAFETY: `p` is the tail inside the ring; nothing writes it now.
+            unsafe { p.read() }
+        };
+        assert_eq!(tail(), 4);
+        r.provide(2);
+        assert_eq!(tail(), 4, "not visible before publish");
+        r.publish();
+        assert_eq!(tail(), 5);
+        // Slot 4 & 3 = 0 now holds buffer 2.
+        assert_eq!(entry(0).bid(), 2);
+        assert_eq!(r.buf(2, 64).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn descriptor_stride_comes_from_the_type() {
+        assert_eq!(size_of::<ublksrv_io_desc>(), 24);
+        // 4096 descriptors of 24 bytes are exactly 24 pages of 4 KiB.
+        assert_eq!(page_round_up(4096 * size_of::<ublksrv_io_desc>()), 98304);
+        assert_eq!(page_round_up(1), rustix::param::page_size());
     }
 }

@@ -141,7 +141,7 @@ fn shift_of(what: &str, v: u32) -> Result<u8> {
     if v.is_power_of_two() {
         Ok(v.trailing_zeros() as u8)
     } else {
-        Err(Error::Invalid(format!("{what} {v} is not a power of two")))
+        Err(Error::config(format!("{what} {v} is not a power of two")))
     }
 }
 
@@ -158,59 +158,59 @@ impl Params {
     /// on, and says what is wrong.
     pub fn validate(&self) -> Result<()> {
         let Some(b) = &self.basic else {
-            return Err(Error::Invalid("basic parameters are required".into()));
+            return Err(Error::config("basic parameters are required"));
         };
         shift_of("logical block size", b.logical_block_size)?;
         shift_of("physical block size", b.physical_block_size)?;
         shift_of("minimum I/O size", b.io_min)?;
         shift_of("optimal I/O size", b.io_opt)?;
         if !(512..=4096).contains(&b.logical_block_size) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "logical block size {} is outside 512..=4096",
                 b.logical_block_size
             )));
         }
         if b.logical_block_size > b.physical_block_size {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "logical block size {} is larger than the physical block size {}",
                 b.logical_block_size, b.physical_block_size
             )));
         }
         let lbs_sectors = u64::from(b.logical_block_size) / SECTOR_SIZE;
         if b.dev_sectors % lbs_sectors != 0 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "capacity of {} bytes is not a multiple of the logical block size {}",
                 b.capacity_bytes(),
                 b.logical_block_size
             )));
         }
         if u64::from(b.max_sectors) < lbs_sectors {
-            return Err(Error::Invalid(format!(
+            return Err(Error::config(format!(
                 "largest request of {} sectors is smaller than one logical block",
                 b.max_sectors
             )));
         }
         if let Some(d) = &self.discard {
             if d.granularity != 0 && !d.granularity.is_power_of_two() {
-                return Err(Error::Invalid(format!(
+                return Err(Error::config(format!(
                     "discard granularity {} is not a power of two",
                     d.granularity
                 )));
             }
             if d.max_discard_segments == 0 && d.max_discard_sectors != 0 {
-                return Err(Error::Invalid("discard needs at least one segment".into()));
+                return Err(Error::config("discard needs at least one segment"));
             }
         }
         if let Some(s) = &self.segment {
             let min = ublk_sys::UBLK_MIN_SEGMENT_SIZE;
             if s.max_segment_size < min || s.max_segments == 0 {
-                return Err(Error::Invalid(format!(
+                return Err(Error::config(format!(
                     "segment limits need max_segment_size >= {min} and max_segments > 0"
                 )));
             }
             let span = s.seg_boundary_mask.wrapping_add(1);
             if !span.is_power_of_two() || span < u64::from(min) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::config(format!(
                     "segment boundary mask {:#x} + 1 is not a power of two >= {min}",
                     s.seg_boundary_mask
                 )));
@@ -218,7 +218,7 @@ impl Params {
         }
         if let Some(a) = self.dma_alignment {
             if !a.wrapping_add(1).is_power_of_two() {
-                return Err(Error::Invalid(format!(
+                return Err(Error::config(format!(
                     "DMA alignment mask {a:#x} is not 2^n - 1"
                 )));
             }

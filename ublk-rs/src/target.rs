@@ -1,6 +1,17 @@
-//! What a block device implements: the [`Target`] trait and the requests it
-//! is handed.
+//! The target contract: what a block device implements (the [`Target`]
+//! trait), the requests it is handed ([`Request`], [`IoDesc`], [`IoBuf`]),
+//! what it answers ([`Handled`]) and how it queues its own SQEs
+//! ([`Submit`]).
+//!
+//! This module depends on nothing of the engine that runs targets
+//! ([`crate::queue`]): the engine depends on it. Ready-made targets live in
+//! [`crate::targets`].
+#![allow(unsafe_code)] // `Submit::push` forwards the SQE ring's contract
 
+use std::io;
+
+use io_uring::squeue::Entry;
+use io_uring::{SubmissionQueue, Submitter};
 use ublk_sys::ublksrv_io_desc;
 
 /// A request's operation (`UBLK_IO_OP_*`).
@@ -167,26 +178,107 @@ pub struct Request<'a> {
 pub enum Handled {
     /// Complete now with this result: bytes transferred, or `-errno`.
     Done(i32),
-    /// SQEs were queued with [`crate::queue::Submit::push`]; the result comes
-    /// through [`Target::complete`].
+    /// SQEs were queued with [`Submit::push`]; the result comes through
+    /// [`Target::complete`].
     Queued,
+}
+
+/// Submission access given to a [`Target`] while it handles a request (in
+/// [`Target::handle`] or [`Target::complete`]): SQEs pushed here go on the
+/// queue's own ring, and their CQEs come back to [`Target::complete`] for
+/// the same request.
+pub struct Submit<'r, 's> {
+    sq: &'r mut SubmissionQueue<'s, Entry>,
+    submitter: &'r Submitter<'s>,
+    inflight: &'r mut usize,
+    /// The user data of the request being handled; a pushed entry's `data`
+    /// goes into bits 32–63.
+    user_data: u64,
+}
+
+impl std::fmt::Debug for Submit<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submit")
+            .field("inflight", &self.inflight)
+            .field("user_data", &format_args!("{:#x}", self.user_data))
+            .finish()
+    }
+}
+
+impl<'r, 's> Submit<'r, 's> {
+    /// Access to `sq` for entries tagged `user_data` (bits 32–63 zero),
+    /// counting each pushed entry in `inflight`.
+    #[inline]
+    pub(crate) fn new(
+        sq: &'r mut SubmissionQueue<'s, Entry>,
+        submitter: &'r Submitter<'s>,
+        inflight: &'r mut usize,
+        user_data: u64,
+    ) -> Self {
+        Self {
+            sq,
+            submitter,
+            inflight,
+            user_data,
+        }
+    }
+
+    /// Queues `entry` for the request being handled; its CQE comes back
+    /// through [`Target::complete`] with `data`. The entry's user data is
+    /// replaced. When the ring is full, what is queued is submitted first.
+    ///
+    /// # Safety
+    /// Every buffer `entry` points to must stay valid until its CQE arrives
+    /// (request buffers handed out in [`IoBuf::Mem`] do).
+    #[inline]
+    pub unsafe fn push(&mut self, data: u32, entry: Entry) -> io::Result<()> {
+        let entry = entry.user_data(self.user_data | u64::from(data) << 32);
+        // SAFETY: forwarded to our caller.
+        unsafe { self.push_raw(&entry) }?;
+        *self.inflight += 1;
+        Ok(())
+    }
+
+    /// Queues `entry` as it is (user data included), submitting what is
+    /// queued when the ring is full; counts nothing.
+    ///
+    /// # Safety
+    /// As for [`Submit::push`].
+    #[inline]
+    pub(crate) unsafe fn push_raw(&mut self, entry: &Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: forwarded to our caller.
+            if unsafe { self.sq.push(entry) }.is_ok() {
+                return Ok(());
+            }
+            // Full: hand what we have to the kernel and try again.
+            self.sq.sync();
+            match self.submitter.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // CQ overflow backpressure: let completions drain first.
+                    match self.submitter.submit_and_wait(1) {
+                        Err(e) if e.raw_os_error() != Some(libc::EINTR) => return Err(e),
+                        _ => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            self.sq.sync();
+        }
+    }
 }
 
 /// A block device's logic, one instance per queue (so it needs no locks).
 pub trait Target {
     /// Handles one request. Ranges are already checked against the device
     /// capacity and unknown operations already answered with `-EOPNOTSUPP`.
-    fn handle(&mut self, sub: &mut crate::queue::Submit<'_, '_>, req: Request<'_>) -> Handled;
+    fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled;
 
     /// A CQE of an SQE this target queued for `tag` with `data` has arrived.
     /// Return `Done` to complete the request, or `Queued` after queueing more.
-    fn complete(
-        &mut self,
-        _sub: &mut crate::queue::Submit<'_, '_>,
-        _tag: u16,
-        _data: u32,
-        res: i32,
-    ) -> Handled {
+    fn complete(&mut self, _sub: &mut Submit<'_, '_>, _tag: u16, _data: u32, res: i32) -> Handled {
         Handled::Done(res)
     }
 
@@ -197,142 +289,79 @@ pub trait Target {
     }
 }
 
-/// The io_uring operation that serves `req` from a file or block device
-/// registered in the queue ring as fixed file `file` (what a loop-style
-/// target does):
-///
-/// * READ and WRITE at the request's offset, into or from
-///   [`IoBuf::Mem`] (`Read`/`Write`) or [`IoBuf::Fixed`]
-///   (`ReadFixed`/`WriteFixed`); a FUA write is `RWF_DSYNC`;
-/// * FLUSH is `fdatasync`;
-/// * DISCARD punches a hole; WRITE_ZEROES zeroes the range, punching a
-///   hole unless the request says [`IoFlags::NOUNMAP`].
-///
-/// `None` for what a file cannot do this way (WRITE_SAME, zone operations,
-/// [`IoBuf::Shmem`] or missing buffers): complete those with an error or
-/// serve them otherwise. The entry's result is the bytes moved for READ
-/// and WRITE and 0 for the others, which the driver takes as success.
-///
-/// Building the entry is safe; pushing it (`Submit::push`) is not, because
-/// a [`IoBuf::Mem`] entry points at the request's buffer.
-pub fn file_entry(
-    file: io_uring::types::Fixed,
-    req: &mut Request<'_>,
-) -> Option<io_uring::squeue::Entry> {
-    use io_uring::{opcode, types};
-    let d = req.desc;
-    let len = d.len() as u32;
-    let off = d.offset();
-    let rw_flags = if d.flags.contains(IoFlags::FUA) {
-        libc::RWF_DSYNC
-    } else {
-        0
-    };
-    let fallocate = |mode| {
-        opcode::Fallocate::new(file, u64::from(len))
-            .offset(off)
-            .mode(mode)
-            .build()
-    };
-    Some(match (d.op, &mut req.buf) {
-        (Op::Read, IoBuf::Mem(b)) => opcode::Read::new(file, b.as_mut_ptr(), len)
-            .offset(off)
-            .build(),
-        (Op::Read, IoBuf::Fixed(i)) => opcode::ReadFixed::new(file, std::ptr::null_mut(), len, *i)
-            .offset(off)
-            .build(),
-        (Op::Write, IoBuf::Mem(b)) => opcode::Write::new(file, b.as_ptr(), len)
-            .offset(off)
-            .rw_flags(rw_flags)
-            .build(),
-        (Op::Write, IoBuf::Fixed(i)) => opcode::WriteFixed::new(file, std::ptr::null(), len, *i)
-            .offset(off)
-            .rw_flags(rw_flags)
-            .build(),
-        (Op::Flush, _) => opcode::Fsync::new(file)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
-        (Op::Discard, _) => fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
-        (Op::WriteZeroes, _) if d.flags.contains(IoFlags::NOUNMAP) => {
-            fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+/// Implements [`Target`] for a pointer to a target by forwarding to it.
+macro_rules! forward_target {
+    ($($(#[$doc:meta])* $ptr:ty;)*) => {$(
+        $(#[$doc])*
+        impl<T: Target + ?Sized> Target for $ptr {
+            #[inline]
+            fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+                (**self).handle(sub, req)
+            }
+            #[inline]
+            fn complete(&mut self, sub: &mut Submit<'_, '_>, tag: u16, data: u32, res: i32) -> Handled {
+                (**self).complete(sub, tag, data, res)
+            }
+            fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
+                (**self).fixed_files()
+            }
         }
-        (Op::WriteZeroes, _) => fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
-        _ => return None,
-    })
+    )*};
 }
 
-/// A complete loop-style target: every request is served from one file or
-/// block device with [`file_entry`], asynchronously on the queue's ring
-/// (the file is the queue ring's fixed file 1). Operations a file cannot do
-/// complete with `-EOPNOTSUPP`; with [`FileTarget::read_only`], writes,
-/// discards and write-zeroes complete with `-EROFS`.
-///
-/// `F` is anything holding the fd: a `File`, an `OwnedFd`, or an
-/// `Arc<File>` shared by the queues.
-#[derive(Debug, Clone)]
-pub struct FileTarget<F> {
-    file: F,
-    read_only: bool,
-}
-
-impl<F: std::os::fd::AsFd> FileTarget<F> {
-    /// The fixed-file index the file has in each queue ring.
-    pub const FIXED: io_uring::types::Fixed = io_uring::types::Fixed(1);
-
-    /// Serves requests from `file`.
-    pub fn new(file: F) -> Self {
-        Self {
-            file,
-            read_only: false,
-        }
-    }
-
-    /// Refuses everything that would change the file.
-    pub fn read_only(mut self, read_only: bool) -> Self {
-        self.read_only = read_only;
-        self
-    }
-
-    /// The file.
-    pub fn file(&self) -> &F {
-        &self.file
-    }
-}
-
-impl<F: std::os::fd::AsFd> Target for FileTarget<F> {
-    // The one submission outside the queue module: of the request's own
-    // buffer, which the queue keeps alive until the request completes.
-    #[allow(unsafe_code)]
-    fn handle(&mut self, sub: &mut crate::queue::Submit<'_, '_>, mut req: Request<'_>) -> Handled {
-        if self.read_only && matches!(req.desc.op, Op::Write | Op::Discard | Op::WriteZeroes) {
-            return Handled::Done(-libc::EROFS);
-        }
-        let Some(entry) = file_entry(Self::FIXED, &mut req) else {
-            return Handled::Done(-libc::EOPNOTSUPP);
-        };
-        // SAFETY: the entry points at the request's buffer, which stays
-        // valid until the request completes, and that happens only after
-        // this entry's CQE has reached `complete`; or at a registered
-        // buffer index, or at nothing.
-        match unsafe { sub.push(req.tag, 0, entry) } {
-            Ok(()) => Handled::Queued,
-            Err(e) => Handled::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
-        }
-    }
-
-    // `complete` is the default: the CQE's result (bytes moved, 0, or
-    // -errno) is the request's. A short read or write is fine: the driver
-    // requeues the rest.
-
-    fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        vec![self.file.as_fd().as_raw_fd()]
-    }
+forward_target! {
+    /// A target chosen at run time: `Box<dyn Target>` (one virtual call per
+    /// request and completion; an enum of the candidates avoids it).
+    Box<T>;
+    /// A target borrowed for the run (e.g. one made before `Device::run`).
+    &mut T;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers every request with its length and counts the calls.
+    struct Count(u32);
+
+    impl Target for Count {
+        fn handle(&mut self, _: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+            self.0 += 1;
+            Handled::Done(req.desc.len() as i32)
+        }
+        fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
+            vec![7]
+        }
+    }
+
+    #[test]
+    fn boxed_and_borrowed_targets_forward_every_method() {
+        let mut ring = io_uring::IoUring::new(4).unwrap();
+        let (submitter, mut sq, _) = ring.split();
+        let mut inflight = 0;
+        let mut sub = Submit::new(&mut sq, &submitter, &mut inflight, 0);
+        let req = || Request {
+            q_id: 0,
+            tag: 3,
+            desc: IoDesc::from_raw(&ublksrv_io_desc {
+                op_flags: ublk_sys::UBLK_IO_OP_FLUSH,
+                __bindgen_anon_1: ublk_sys::ublksrv_io_desc__bindgen_ty_1 { nr_sectors: 1 },
+                ..Default::default()
+            }),
+            buf: IoBuf::None,
+        };
+        // Through a generic parameter, as `Device::run` takes targets.
+        fn serve<T: Target>(mut t: T, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+            assert_eq!(t.fixed_files(), vec![7]);
+            assert_eq!(t.complete(sub, 3, 0, -5), Handled::Done(-5));
+            t.handle(sub, req)
+        }
+        let picked: Box<dyn Target> = Box::new(Count(0));
+        assert_eq!(serve(picked, &mut sub, req()), Handled::Done(512));
+        let mut owned = Count(0);
+        assert_eq!(serve(&mut owned, &mut sub, req()), Handled::Done(512));
+        assert_eq!(owned.0, 1);
+    }
 
     #[test]
     fn decodes_op_flags_and_union() {

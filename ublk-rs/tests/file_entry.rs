@@ -1,4 +1,4 @@
-//! `ublk::target::file_entry` against a plain file: each request's entry
+//! `ublk::targets::file_entry` against a plain file: each request's entry
 //! is run through a real io_uring (no ublk driver needed) and the file's
 //! bytes are checked afterwards.
 
@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use ublk::io_uring::{types, IoUring};
-use ublk::target::file_entry;
+use ublk::targets::file_entry;
 use ublk::{IoBuf, IoDesc, IoFlags, Op, Request};
 
 const FILE_BYTES: usize = 64 << 10;

@@ -131,13 +131,12 @@ struct CtrlCase {
     build: fn(Encoding, DevPath, FileRef) -> Entry128,
 }
 
-fn ctrl_entry<C: CtrlCommand>(c: C, enc: Encoding, path: DevPath, fd: FileRef) -> Entry128 {
-    let c = c.with_encoding(enc);
+fn ctrl_entry<C: CtrlCommand>(c: C, enc: Encoding, path: DevPath) -> Entry128 {
     let c = match path {
         Some((buf, len, plen)) => c.with_dev_path(buf as *mut u8, len, plen),
         None => c,
     };
-    c.to_entry(fd).user_data(USER_DATA)
+    c.entry(enc).user_data(USER_DATA)
 }
 
 const fn f(dev_id: u32, queue_id: u16, len: u16, addr: u64, data: u64) -> CtrlFields {
@@ -165,70 +164,70 @@ fn ctrl_cases() -> Vec<CtrlCase> {
             ioctl: ioc(IOWR, 0x04, CTRL_SIZE),
             legacy: Some(0x04),
             fields: f(7, NOQ, 64, BUF, 0),
-            build: |e, d, fd| ctrl_entry(AddDev::new(7, buf()), e, d, fd),
+            build: |e, d, fd| ctrl_entry(AddDev::new(fd, 7, buf()), e, d),
         },
         CtrlCase {
             name: "DEL_DEV",
             ioctl: ioc(IOWR, 0x05, CTRL_SIZE),
             legacy: Some(0x05),
             fields: f(7, NOQ, 0, 0, 0),
-            build: |e, d, fd| ctrl_entry(DelDev::new(7), e, d, fd),
+            build: |e, d, fd| ctrl_entry(DelDev::new(fd, 7), e, d),
         },
         CtrlCase {
             name: "DEL_DEV_ASYNC",
             ioctl: ioc(IOR, 0x14, CTRL_SIZE),
             legacy: None,
             fields: f(7, NOQ, 0, 0, 0),
-            build: |e, d, fd| ctrl_entry(DelDevAsync::new(7), e, d, fd),
+            build: |e, d, fd| ctrl_entry(DelDevAsync::new(fd, 7), e, d),
         },
         CtrlCase {
             name: "START_DEV",
             ioctl: ioc(IOWR, 0x06, CTRL_SIZE),
             legacy: Some(0x06),
             fields: f(7, NOQ, 0, 0, 4242),
-            build: |e, d, fd| ctrl_entry(StartDev::new(7, 4242), e, d, fd),
+            build: |e, d, fd| ctrl_entry(StartDev::new(fd, 7, 4242), e, d),
         },
         CtrlCase {
             name: "STOP_DEV",
             ioctl: ioc(IOWR, 0x07, CTRL_SIZE),
             legacy: Some(0x07),
             fields: f(7, NOQ, 0, 0, 0),
-            build: |e, d, fd| ctrl_entry(StopDev::new(7), e, d, fd),
+            build: |e, d, fd| ctrl_entry(StopDev::new(fd, 7), e, d),
         },
         CtrlCase {
             name: "TRY_STOP_DEV",
             ioctl: ioc(IOWR, 0x17, CTRL_SIZE),
             legacy: None,
             fields: f(7, NOQ, 0, 0, 0),
-            build: |e, d, fd| ctrl_entry(TryStopDev::new(7), e, d, fd),
+            build: |e, d, fd| ctrl_entry(TryStopDev::new(fd, 7), e, d),
         },
         CtrlCase {
             name: "SET_PARAMS",
             ioctl: ioc(IOWR, 0x08, CTRL_SIZE),
             legacy: Some(0x08),
             fields: f(7, NOQ, size_of::<ublk::sys::ublk_params>() as u16, BUF, 0),
-            build: |e, d, fd| ctrl_entry(SetParams::new(7, buf()), e, d, fd),
+            build: |e, d, fd| ctrl_entry(SetParams::new(fd, 7, buf()), e, d),
         },
         CtrlCase {
             name: "GET_PARAMS",
             ioctl: ioc(IOR, 0x09, CTRL_SIZE),
             legacy: Some(0x09),
             fields: f(7, NOQ, size_of::<ublk::sys::ublk_params>() as u16, BUF, 0),
-            build: |e, d, fd| ctrl_entry(GetParams::new(7, buf()), e, d, fd),
+            build: |e, d, fd| ctrl_entry(GetParams::new(fd, 7, buf()), e, d),
         },
         CtrlCase {
             name: "GET_DEV_INFO",
             ioctl: ioc(IOR, 0x02, CTRL_SIZE),
             legacy: Some(0x02),
             fields: f(7, NOQ, 64, BUF, 0),
-            build: |e, d, fd| ctrl_entry(GetDevInfo::new(7, buf()), e, d, fd),
+            build: |e, d, fd| ctrl_entry(GetDevInfo::new(fd, 7, buf()), e, d),
         },
         CtrlCase {
             name: "GET_DEV_INFO2",
             ioctl: ioc(IOR, 0x12, CTRL_SIZE),
             legacy: Some(0x12),
             fields: f(7, NOQ, 64, BUF, 0),
-            build: |e, d, fd| ctrl_entry(GetDevInfo2::new(7, buf()), e, d, fd),
+            build: |e, d, fd| ctrl_entry(GetDevInfo2::new(fd, 7, buf()), e, d),
         },
         CtrlCase {
             name: "GET_QUEUE_AFFINITY",
@@ -237,56 +236,56 @@ fn ctrl_cases() -> Vec<CtrlCase> {
             // The kernel reads the queue from data[0] (queue_id is unused):
             // ublk_ctrl_get_queue_affinity(), kublk and ublksrv all agree.
             fields: f(7, NOQ, 128, BUF, 3),
-            build: |e, d, fd| ctrl_entry(GetQueueAffinity::new(7, 3, buf(), 128), e, d, fd),
+            build: |e, d, fd| ctrl_entry(GetQueueAffinity::new(fd, 7, 3, buf(), 128), e, d),
         },
         CtrlCase {
             name: "GET_FEATURES",
             ioctl: ioc(IOR, 0x13, CTRL_SIZE),
             legacy: None,
             fields: f(u32::MAX, NOQ, 8, BUF, 0),
-            build: |e, d, fd| ctrl_entry(GetFeatures::new(buf()), e, d, fd),
+            build: |e, d, fd| ctrl_entry(GetFeatures::new(fd, buf()), e, d),
         },
         CtrlCase {
             name: "START_USER_RECOVERY",
             ioctl: ioc(IOWR, 0x10, CTRL_SIZE),
             legacy: Some(0x10),
             fields: f(7, NOQ, 0, 0, 0),
-            build: |e, d, fd| ctrl_entry(StartUserRecovery::new(7), e, d, fd),
+            build: |e, d, fd| ctrl_entry(StartUserRecovery::new(fd, 7), e, d),
         },
         CtrlCase {
             name: "END_USER_RECOVERY",
             ioctl: ioc(IOWR, 0x11, CTRL_SIZE),
             legacy: Some(0x11),
             fields: f(7, NOQ, 0, 0, 4242),
-            build: |e, d, fd| ctrl_entry(EndUserRecovery::new(7, 4242), e, d, fd),
+            build: |e, d, fd| ctrl_entry(EndUserRecovery::new(fd, 7, 4242), e, d),
         },
         CtrlCase {
             name: "UPDATE_SIZE",
             ioctl: ioc(IOWR, 0x15, CTRL_SIZE),
             legacy: None,
             fields: f(7, NOQ, 0, 0, 1 << 33),
-            build: |e, d, fd| ctrl_entry(UpdateSize::new(7, 1 << 33), e, d, fd),
+            build: |e, d, fd| ctrl_entry(UpdateSize::new(fd, 7, 1 << 33), e, d),
         },
         CtrlCase {
             name: "QUIESCE_DEV",
             ioctl: ioc(IOWR, 0x16, CTRL_SIZE),
             legacy: None,
             fields: f(7, NOQ, 0, 0, 5000),
-            build: |e, d, fd| ctrl_entry(QuiesceDev::new(7, 5000), e, d, fd),
+            build: |e, d, fd| ctrl_entry(QuiesceDev::new(fd, 7, 5000), e, d),
         },
         CtrlCase {
             name: "REG_BUF",
             ioctl: ioc(IOWR, 0x18, CTRL_SIZE),
             legacy: None,
             fields: f(7, NOQ, 24, BUF, 0),
-            build: |e, d, fd| ctrl_entry(RegBuf::new(7, buf()), e, d, fd),
+            build: |e, d, fd| ctrl_entry(RegBuf::new(fd, 7, buf()), e, d),
         },
         CtrlCase {
             name: "UNREG_BUF",
             ioctl: ioc(IOWR, 0x19, CTRL_SIZE),
             legacy: None,
             fields: f(7, NOQ, 0, 0, 9),
-            build: |e, d, fd| ctrl_entry(UnregBuf::new(7, 9), e, d, fd),
+            build: |e, d, fd| ctrl_entry(UnregBuf::new(fd, 7, 9), e, d),
         },
     ]
 }
@@ -385,7 +384,7 @@ fn control_opcodes_follow_the_uapi() {
 
 #[test]
 fn control_header_accessor_matches_the_entry() {
-    let c = cmd::GetQueueAffinity::new(4, 1, BUF as *mut u8, 64);
+    let c = cmd::GetQueueAffinity::new(FileRef::Fd(3), 4, 1, BUF as *mut u8, 64);
     let h = c.header();
     assert_eq!(
         (
@@ -399,7 +398,7 @@ fn control_header_accessor_matches_the_entry() {
         (4, 0xffff, 64, BUF, 1, 0),
         "GET_QUEUE_AFFINITY carries the queue in data[0]"
     );
-    let c = cmd::DelDev::new(9).dev_path(PATH_BUF as *mut u8, PATH_TOTAL, PATH_LEN);
+    let c = cmd::DelDev::new(FileRef::Fd(3), 9).dev_path(PATH_BUF as *mut u8, PATH_TOTAL, PATH_LEN);
     let h = c.header();
     assert_eq!(
         (h.dev_id, h.queue_id, h.len, h.addr, h.dev_path_len),

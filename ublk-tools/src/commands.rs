@@ -10,14 +10,14 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use ublk::params::{Attrs, BasicParams, DiscardParams, Params};
-use ublk::{Control, CopyMode, DevInfo, Device, DeviceBuilder, Features, StartKind};
+use ublk::{Control, CopyMode, DevInfo, Device, DeviceBuilder, Errno, Features, StartKind};
 
 use crate::cli::{
     AddArgs, Command, CompletionsArgs, DaemonArgs, DelArgs, ListArgs, StopArgs, TargetKind,
     UpdateSizeArgs, UserIdArgs,
 };
 use crate::state::{self, DeviceState};
-use crate::targets::{loop_target, Backing, BackingOptions, NullTarget};
+use crate::targets::{loop_target, AnyTarget, Backing, BackingOptions, NullTarget};
 use crate::{emit, usage};
 
 /// Default size of a null device: 250 GiB, like ublksrv and kublk.
@@ -88,8 +88,8 @@ fn open_control() -> anyhow::Result<Control> {
 /// The info of device `id`, or "device N does not exist".
 fn existing(ctrl: &Control, id: u32) -> anyhow::Result<DevInfo> {
     ctrl.dev_info(id).map_err(|e| match e.errno() {
-        Some(libc::ENODEV | libc::ENOENT) => anyhow!("device {id} does not exist"),
-        Some(libc::EPERM | libc::EACCES) => {
+        Some(Errno::NODEV | Errno::NOENT) => anyhow!("device {id} does not exist"),
+        Some(Errno::PERM | Errno::ACCESS) => {
             anyhow!("permission denied for device {id}: it belongs to another user (or needs root)")
         }
         _ => e.into(),
@@ -147,6 +147,22 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     if (a.dev.recovery_reissue == 1 || a.dev.recovery_fail_io == 1) && a.dev.recovery != 1 {
         return Err(usage("-i 1 and -e 1 need user recovery (-r 1)"));
     }
+    // Combinations the library refuses too, said here with the flags.
+    if a.dev.recovery_reissue == 1 && a.dev.recovery_fail_io == 1 {
+        return Err(usage(
+            "recovery reissue (-i 1) and fail-I/O (-e 1) exclude each other",
+        ));
+    }
+    if a.dev.batch && a.dev.need_get_data {
+        return Err(usage(
+            "batch I/O (-b) does not work with NEED_GET_DATA (-g)",
+        ));
+    }
+    if a.dev.batch && a.dev.per_io_tasks && a.dev.nthreads.is_some_and(|n| n != a.dev.queues) {
+        return Err(usage(
+            "batch I/O (-b) serves whole queues: use as many threads as queues",
+        ));
+    }
     if a.dev.unprivileged && a.dev.recovery == 1 {
         return Err(usage(
             "unprivileged devices cannot use user recovery (-r 1): the kernel forbids it",
@@ -181,7 +197,7 @@ fn builder(a: &AddArgs, kernel: Features) -> anyhow::Result<(DeviceBuilder, Copy
         b = b.max_io_bytes(bytes);
     }
     b.validate().map_err(|e| match e {
-        ublk::Error::Invalid(msg) => usage(msg),
+        ublk::Error::Config(msg) => usage(msg),
         e => e.into(),
     })?;
     Ok((b, mode))
@@ -417,7 +433,7 @@ fn serve(
     let mut dev = if recover {
         let id = a.dev.id.unwrap_or_default();
         Device::recover(Arc::clone(&ctrl), id, mode).map_err(|e| match e.errno() {
-            Some(libc::EBUSY) => {
+            Some(Errno::BUSY) => {
                 let pid = ctrl.dev_info(id).map_or(-1, |i| i.server_pid());
                 anyhow!("device {id} is busy: its server (pid {pid}) is still attached; stop it or wait for it to exit")
             }
@@ -427,7 +443,7 @@ fn serve(
         let dev = builder
             .add(Arc::clone(&ctrl))
             .map_err(|e| match e.errno() {
-                Some(libc::EEXIST) => {
+                Some(Errno::EXIST) => {
                     anyhow!(
                         "device id {} is already in use",
                         a.dev.id.unwrap_or_default()
@@ -459,7 +475,13 @@ fn serve(
     }
     let id = dev.id();
     let recovery = dev.info().flags().contains(Features::USER_RECOVERY);
-    spawn_signal_thread(Arc::clone(&ctrl), dev.info().dev_ref(), recovery)?;
+    if recovery {
+        leave_for_recovery_on_signals(id)?;
+    } else {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        dev.stop_on_signals(&[SIGTERM, SIGINT, SIGHUP])
+            .context("cannot stop the device on signals")?;
+    }
 
     let backing_file = backing.as_ref().map(|b| b.path.clone());
     let direct_io = backing.as_ref().map(|b| b.direct_io);
@@ -529,26 +551,18 @@ fn serve(
         }
     };
     dev.set_queue_affinity(a.dev.queue_affinity.into());
-    let result = match &shared {
-        Some(file) => dev.run(
-            if recover {
-                StartKind::Recover
-            } else {
-                StartKind::Start
-            },
-            |_| Ok(loop_target(Arc::clone(file), read_only)),
-            on_live,
-        ),
-        None => dev.run(
-            if recover {
-                StartKind::Recover
-            } else {
-                StartKind::Start
-            },
-            |_| Ok(NullTarget),
-            on_live,
-        ),
+    let start = if recover {
+        StartKind::Recover
+    } else {
+        StartKind::Start
     };
+    let make_target = |_| {
+        Ok(match &shared {
+            Some(file) => AnyTarget::Loop(loop_target(Arc::clone(file), read_only)),
+            None => AnyTarget::Null(NullTarget),
+        })
+    };
+    let result = dev.run(start, make_target, on_live);
     if let Ok(stats) = &result {
         for (q, st) in stats.iter().enumerate() {
             let per_enter = |n: u64| n as f64 / st.enters.max(1) as f64;
@@ -588,13 +602,11 @@ pub fn discard_params(discard: bool, write_zeroes: bool, lbs: u32) -> Option<Dis
     })
 }
 
-/// SIGTERM/SIGINT/SIGHUP: stop and delete the device, or, with recovery,
-/// leave it for `ublk recover` and exit.
-fn spawn_signal_thread(
-    ctrl: Arc<Control>,
-    dev: ublk::DevRef,
-    recovery: bool,
-) -> anyhow::Result<()> {
+/// SIGTERM/SIGINT/SIGHUP of a device with user recovery: leave it for
+/// `ublk recover` and exit (the kernel quiesces it once the server is
+/// gone). Other devices are stopped and deleted on these signals by the
+/// library ([`Device::stop_on_signals`]).
+fn leave_for_recovery_on_signals(id: u32) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
@@ -602,20 +614,13 @@ fn spawn_signal_thread(
         .name("ublk-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                if recovery {
-                    crate::say(
-                        "ublk",
-                        &format!(
-                            "signal {sig}: leaving device {} for `ublk recover -n {}` (it has user recovery)",
-                            dev.id, dev.id
-                        ),
-                    );
-                    std::process::exit(0);
-                }
-                log::info!("signal {sig}: stopping device {}", dev.id);
-                if let Err(e) = ctrl.stop_dev(dev) {
-                    log::error!("stopping device {}: {e}", dev.id);
-                }
+                crate::say(
+                    "ublk",
+                    &format!(
+                        "signal {sig}: leaving device {id} for `ublk recover -n {id}` (it has user recovery)"
+                    ),
+                );
+                std::process::exit(0);
             }
         })
         .context("cannot start the signal thread")?;
@@ -698,7 +703,7 @@ fn del(a: &DelArgs) -> anyhow::Result<ExitCode> {
         });
         match r {
             // The daemon deleted it first after our stop: that is success.
-            Err(e) if e.errno() == Some(libc::ENODEV) => {}
+            Err(e) if e.errno() == Some(Errno::NODEV) => {}
             Err(e) => {
                 crate::say("ublk", &format!("deleting device {id}: {e}"));
                 failed = true;
@@ -724,7 +729,7 @@ fn stop(a: &StopArgs) -> anyhow::Result<ExitCode> {
         ctrl.stop_dev(dev)
     };
     match r {
-        Err(e) if a.safe && e.errno() == Some(libc::EBUSY) => {
+        Err(e) if a.safe && e.errno() == Some(Errno::BUSY) => {
             bail!("device {} is open; not stopped (--safe)", a.id)
         }
         r => r?,

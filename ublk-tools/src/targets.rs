@@ -181,7 +181,7 @@ fn dio_alignment(f: &File) -> Option<u32> {
 }
 
 /// The `fallocate` operations a loop device's DISCARD and WRITE_ZEROES
-/// requests become ([`ublk::target::file_entry`]).
+/// requests become ([`ublk::targets::file_entry`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallocate {
     /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: DISCARD, and
@@ -249,6 +249,42 @@ pub type LoopTarget = FileTarget<Arc<File>>;
 /// A loop target over `backing`; `read_only` refuses changes with `EROFS`.
 pub fn loop_target(backing: Arc<File>, read_only: bool) -> LoopTarget {
     FileTarget::new(backing).read_only(read_only)
+}
+
+/// The target `ublk add -t` picked, so the device is served by one
+/// `Device::run` whatever it is. An enum rather than a `Box<dyn Target>`:
+/// the match is static dispatch, with no virtual call per request.
+#[derive(Debug)]
+pub enum AnyTarget {
+    /// `-t null`.
+    Null(NullTarget),
+    /// `-t loop`.
+    Loop(LoopTarget),
+}
+
+impl Target for AnyTarget {
+    #[inline]
+    fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+        match self {
+            Self::Null(t) => t.handle(sub, req),
+            Self::Loop(t) => t.handle(sub, req),
+        }
+    }
+
+    #[inline]
+    fn complete(&mut self, sub: &mut Submit<'_, '_>, tag: u16, data: u32, res: i32) -> Handled {
+        match self {
+            Self::Null(t) => t.complete(sub, tag, data, res),
+            Self::Loop(t) => t.complete(sub, tag, data, res),
+        }
+    }
+
+    fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
+        match self {
+            Self::Null(t) => t.fixed_files(),
+            Self::Loop(t) => t.fixed_files(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! signal handling, and two RAM disks.
 //!
 //! - [`serve`] adds a device, sets its size, serves it until `SIGINT`/`SIGTERM`
-//!   (or until someone else stops it, e.g. `ublk del -n N`), then deletes it;
+//!   (the library's [`ublk::Device::stop_on_signals`]) or until someone else
+//!   stops it (e.g. `ublk del -n N`), then deletes it;
 //! - [`VecDisk`] keeps the data in a `Vec<u8>` and copies it synchronously: it
 //!   needs the request's bytes in server memory ([`IoBuf::Mem`]) and one queue;
 //! - [`MemfdDisk`] keeps the data in a memfd and moves it with io_uring reads
@@ -15,11 +16,9 @@
 use std::fmt;
 use std::io::{self, Write as _};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use ublk::signal::{SIGINT, SIGTERM};
 use ublk::{
     BasicParams, Control, DeviceBuilder, FileTarget, Handled, IoBuf, Op, Params, Request,
     StartKind, Submit, Target,
@@ -73,35 +72,14 @@ where
     T: Target,
     F: Fn(u16) -> io::Result<T> + Sync,
 {
-    // Taken over before the device exists, so no signal can kill the
-    // process while it has a half-made device.
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
     let ctrl = Arc::new(Control::open()?);
     // The guard: dropping `dev` (also on an error below) stops and deletes
     // the device.
-    let mut dev = builder.add(ctrl.clone())?;
+    let mut dev = builder.add(ctrl)?;
+    // Ctrl-C and SIGTERM stop the device, even before it is live.
+    dev.stop_on_signals(&[SIGINT, SIGTERM])?;
     let max_io = dev.info().max_io_buf_bytes();
     dev.set_params(&Params::basic(BasicParams::new(size, max_io)))?;
-    let id = dev.info().dev_ref();
-
-    // STOP_DEV makes every queue's pending command complete with
-    // UBLK_IO_RES_ABORT, so `Device::run` returns. A STOP_DEV before
-    // START_DEV does nothing, hence the flag `on_live` looks at.
-    let stopping = Arc::new(AtomicBool::new(false));
-    let signals_handle = signals.handle();
-    let stopper = std::thread::spawn({
-        let ctrl = ctrl.clone();
-        let stopping = stopping.clone();
-        move || {
-            for sig in signals.forever() {
-                eprintln!("signal {sig}: stopping /dev/ublkb{}", id.id);
-                stopping.store(true, Ordering::SeqCst);
-                if let Err(e) = ctrl.stop_dev(id) {
-                    eprintln!("STOP_DEV: {e}");
-                }
-            }
-        }
-    });
 
     let served = dev.run(StartKind::Start, make_target, |info, queues| {
         println!("{}", ublk::ctrl::block_dev_path(info.id()).display());
@@ -112,12 +90,7 @@ where
             info.flags(),
             info.id()
         );
-        if stopping.load(Ordering::SeqCst) {
-            let _ = ctrl.stop_dev(id);
-        }
     });
-    signals_handle.close();
-    let _ = stopper.join();
     let stats = served?;
     let requests: u64 = stats.iter().map(|s| s.requests).sum();
     let errors: u64 = stats.iter().map(|s| s.errors).sum();

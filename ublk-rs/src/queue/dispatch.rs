@@ -1,0 +1,289 @@
+//! One request's way through the engine: its descriptor is read and
+//! checked, its buffer prepared (registration, user copy), the target's
+//! `handle` called, and its result committed, which also fetches the tag's
+//! next request.
+
+use io_uring::squeue::{Entry, Flags as SqeFlags};
+
+use super::{CopyMode, IoIndex, IoState, Kind, Queue, CDEV_FIXED};
+use crate::cmd::{self, AutoBufReg};
+use crate::target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Submit, Target};
+
+/// The offset in `/dev/ublkcN` of a request's data, for `UBLK_F_USER_COPY`.
+#[inline]
+pub const fn user_copy_offset(q_id: u16, tag: u16, byte_offset: u64) -> u64 {
+    ublk_sys::UBLKSRV_IO_BUF_OFFSET as u64
+        + ((q_id as u64) << ublk_sys::UBLK_QID_OFF)
+        + ((tag as u64) << ublk_sys::UBLK_TAG_OFF)
+        + byte_offset
+}
+
+/// Where the target finds a request's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BufKind {
+    None,
+    Fixed,
+    Mem,
+}
+
+impl Queue<'_> {
+    /// A FETCH_REQ, COMMIT_AND_FETCH_REQ or NEED_GET_DATA came back.
+    pub(super) fn on_cmd_cqe<T: Target + ?Sized>(&mut self, target: &mut T, io: IoIndex, res: i32) {
+        match res {
+            r if r == ublk_sys::UBLK_IO_RES_OK as i32 => self.dispatch(target, io),
+            r if r == ublk_sys::UBLK_IO_RES_NEED_GET_DATA as i32 => self.need_get_data(io),
+            ublk_sys::UBLK_IO_RES_ABORT => self.aborted = true,
+            r => log::error!(
+                "queue {} tag {}: io command failed: {}",
+                self.cfg.q_id,
+                self.slot(io).tag,
+                std::io::Error::from_raw_os_error(-r)
+            ),
+        }
+    }
+
+    /// The buffer address of io `io` for FETCH/COMMIT in the copy modes.
+    #[inline]
+    pub(super) fn buf_addr(&self, io: IoIndex) -> Option<*mut u8> {
+        let s = self.slot(io);
+        match self.cfg.mode {
+            CopyMode::Copy | CopyMode::NeedGetData => self
+                .queues
+                .get(s.qi)?
+                .bufs
+                .as_ref()
+                .and_then(|b| b.addr(usize::from(s.tag))),
+            _ => None,
+        }
+    }
+
+    #[inline]
+    fn auto_reg(&self, io: IoIndex) -> Option<AutoBufReg> {
+        match self.cfg.mode {
+            CopyMode::AutoBufReg { fallback } => Some(AutoBufReg {
+                index: io.0,
+                flags: if fallback {
+                    ublk_sys::UBLK_AUTO_BUF_REG_FALLBACK as u8
+                } else {
+                    0
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    pub(super) fn fetch_entry(&self, io: IoIndex) -> Entry {
+        let s = self.slot(io);
+        let mut c = cmd::FetchReq::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
+        if let Some(a) = self.buf_addr(io) {
+            c = c.buf_addr(a);
+        }
+        if let Some(r) = self.auto_reg(io) {
+            c = c.auto_buf_reg(r);
+        }
+        c.build()
+    }
+
+    fn commit_entry(&self, io: IoIndex, res: i32) -> Entry {
+        let s = self.slot(io);
+        let mut c =
+            cmd::CommitAndFetchReq::new(CDEV_FIXED, s.q_id, s.tag, res).encoding(self.cfg.encoding);
+        if let Some(a) = self.buf_addr(io) {
+            c = c.buf_addr(a);
+        }
+        if let Some(r) = self.auto_reg(io) {
+            c = c.auto_buf_reg(r);
+        }
+        c.build()
+    }
+
+    fn need_get_data(&mut self, io: IoIndex) {
+        let s = self.slot(io);
+        let mut c = cmd::NeedGetData::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
+        if let Some(a) = self.buf_addr(io) {
+            c = c.buf_addr(a);
+        }
+        self.push_own_or_log(Kind::Cmd, io, c.build());
+    }
+
+    fn register(&mut self, io: IoIndex) {
+        let s = self.slot(io);
+        let e = cmd::RegisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, io.0)
+            .encoding(self.cfg.encoding)
+            .build();
+        // Linked so the target's first SQE runs only after the registration.
+        self.push_own_or_log(Kind::Reg, io, e.flags(SqeFlags::IO_HARDLINK));
+        if let Some(t) = self.states.get_mut(io.get()) {
+            t.registered = true;
+        }
+    }
+
+    /// Checks a request the kernel delivered; `Err` is the result to complete it with.
+    fn check(&self, d: &IoDesc) -> Result<(), i32> {
+        match d.op {
+            Op::Unknown(_) | Op::Zone(_) | Op::ReportZones | Op::WriteSame => {
+                return Err(-libc::EOPNOTSUPP)
+            }
+            Op::Flush => return Ok(()),
+            Op::Read | Op::Write | Op::Discard | Op::WriteZeroes => {}
+        }
+        let end = d.start_sector.checked_add(u64::from(d.nr_sectors));
+        if end.is_none_or(|e| e > self.cfg.capacity_sectors) {
+            return Err(-libc::EIO);
+        }
+        if d.op.has_data() && d.len() > self.cfg.max_io_bytes as usize {
+            return Err(-libc::EIO);
+        }
+        Ok(())
+    }
+
+    /// Serves the request the kernel delivered to `io`.
+    pub(super) fn dispatch<T: Target + ?Sized>(&mut self, target: &mut T, io: IoIndex) {
+        let s = self.slot(io);
+        let Some(raw) = self.queues.get(s.qi).and_then(|q| q.descs.get(s.tag)) else {
+            log::error!(
+                "queue {}: kernel delivered tag {} past the depth",
+                s.q_id,
+                s.tag
+            );
+            return;
+        };
+        let d = IoDesc::from_raw(&raw);
+        if let Some(t) = self.states.get_mut(io.get()) {
+            *t = IoState {
+                desc: Some(d),
+                registered: false,
+            };
+        }
+        if let Err(res) = self.check(&d) {
+            return self.finish(io, res);
+        }
+        let buf_kind = match self.cfg.mode {
+            _ if !d.op.has_data() => BufKind::None,
+            CopyMode::ZeroCopy => {
+                self.register(io);
+                BufKind::Fixed
+            }
+            CopyMode::AutoBufReg { .. } => {
+                if d.flags.contains(IoFlags::NEED_REG_BUF) {
+                    self.register(io);
+                }
+                BufKind::Fixed
+            }
+            _ => BufKind::Mem,
+        };
+        if buf_kind == BufKind::Mem
+            && self.cfg.mode == CopyMode::UserCopy
+            && d.op == Op::Write
+            && !d.flags.contains(IoFlags::SHMEM_ZC)
+        {
+            if let Err(res) = self.user_copy(io, d.len(), false) {
+                return self.finish(io, res);
+            }
+        }
+        let handled = {
+            // Split borrows: the ring for `Submit`, the buffers for `IoBuf`.
+            let (submitter, mut sq, _) = self.ring.split();
+            let mut sub = Submit::new(
+                &mut sq,
+                &submitter,
+                &mut self.target_inflight,
+                super::user_data(Kind::Target, io, 0),
+            );
+            let buf = match buf_kind {
+                _ if d.flags.contains(IoFlags::SHMEM_ZC) => IoBuf::Shmem {
+                    index: (d.addr >> ublk_sys::UBLK_SHMEM_ZC_IDX_OFF) as u16,
+                    offset: d.addr as u32,
+                },
+                BufKind::None => IoBuf::None,
+                BufKind::Fixed => IoBuf::Fixed(io.0),
+                BufKind::Mem => match self
+                    .queues
+                    .get_mut(s.qi)
+                    .and_then(|q| q.bufs.as_mut())
+                    .and_then(|b| b.slice_mut(usize::from(s.tag), d.len()))
+                {
+                    Some(s) => IoBuf::Mem(s),
+                    None => IoBuf::None,
+                },
+            };
+            target.handle(
+                &mut sub,
+                Request {
+                    q_id: s.q_id,
+                    tag: s.tag,
+                    desc: d,
+                    buf,
+                },
+            )
+        };
+        if let Handled::Done(res) = handled {
+            self.finish(io, res);
+        }
+    }
+
+    /// pread (`to_kernel` false) or pwrite the request's data through the
+    /// char device.
+    fn user_copy(&mut self, io: IoIndex, len: usize, to_kernel: bool) -> Result<(), i32> {
+        let s = self.slot(io);
+        let off = user_copy_offset(s.q_id, s.tag, 0);
+        let Some(buf) = self
+            .queues
+            .get_mut(s.qi)
+            .and_then(|q| q.bufs.as_mut())
+            .and_then(|b| b.slice_mut(usize::from(s.tag), len))
+        else {
+            return Err(-libc::EIO);
+        };
+        let r = if to_kernel {
+            rustix::io::pwrite(self.cdev, buf, off)
+        } else {
+            rustix::io::pread(self.cdev, buf, off)
+        };
+        match r {
+            Ok(n) if n == len => Ok(()),
+            Ok(_) => Err(-libc::EIO),
+            Err(e) => Err(-e.raw_os_error()),
+        }
+    }
+
+    /// Completes `io` with `res`: copies read data out (user copy), drops a
+    /// buffer registration, and commits (which also fetches the next request).
+    pub(super) fn finish(&mut self, io: IoIndex, mut res: i32) {
+        let state = self.states.get(io.get()).copied().unwrap_or_default();
+        if let (CopyMode::UserCopy, Some(d)) = (self.cfg.mode, state.desc) {
+            if d.op == Op::Read && res > 0 && !d.flags.contains(IoFlags::SHMEM_ZC) {
+                if let Err(e) = self.user_copy(io, (res as usize).min(d.len()), true) {
+                    res = e;
+                }
+            }
+        }
+        if state.registered {
+            let s = self.slot(io);
+            let e = cmd::UnregisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, io.0)
+                .encoding(self.cfg.encoding)
+                .build();
+            self.push_own_or_log(Kind::Unreg, io, e);
+        }
+        self.stats.requests += 1;
+        self.stats.errors += u64::from(res < 0);
+        if self.batch.is_some() {
+            self.batch_finish(io, res);
+            return;
+        }
+        let e = self.commit_entry(io, res);
+        self.push_own_or_log(Kind::Cmd, io, e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_copy_offsets_follow_the_uapi_encoding() {
+        assert_eq!(user_copy_offset(0, 0, 0), 0x8000_0000);
+        assert_eq!(user_copy_offset(0, 1, 0), 0x8000_0000 + (1 << 25));
+        assert_eq!(user_copy_offset(1, 0, 512), 0x8000_0000 + (1 << 41) + 512);
+    }
+}
