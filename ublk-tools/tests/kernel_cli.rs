@@ -107,7 +107,7 @@ fn fio_verify_in_every_copy_mode() {
     ];
     for (opts, feature) in modes {
         if !feature.is_empty() && !has_feature(feature) {
-            println!("skipping {opts:?}: kernel lacks {feature}");
+            println!("SKIP: {opts:?}: the kernel lacks {feature}");
             continue;
         }
         let mut args = vec!["add", "-t", "loop", "--quiet"];
