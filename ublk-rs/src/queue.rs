@@ -100,6 +100,11 @@ pub struct QueueConfig {
     pub encoding: Encoding,
     /// Batch I/O (`UBLK_F_BATCH_IO`): one multishot fetch and bulk commits.
     pub batch: bool,
+    /// Send the ublk commands to the char device's plain descriptor
+    /// instead of registering it as fixed file 0 of the ring (kublk's
+    /// `--no_ublk_fixed_fd`; slot 0 stays empty, so a target's files keep
+    /// their indices).
+    pub no_fixed_cdev: bool,
 }
 
 // user_data: bits 0–15 the worker's io index (the tag, for a worker that
@@ -122,7 +127,8 @@ const fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
     tag as u64 | kind << 16 | (data as u64) << 32
 }
 
-/// The char device is always registered file 0 of a queue ring.
+/// The char device is registered file 0 of a queue ring (unless
+/// [`QueueConfig::no_fixed_cdev`]: then slot 0 is empty).
 pub const CDEV_FIXED: types::Fixed = types::Fixed(0);
 
 /// Submission access given to a [`Target`] while it handles requests.
@@ -390,7 +396,11 @@ impl<'fd> Queue<'fd> {
         let ring = build_ring(entries, (depth * 8).next_power_of_two().clamp(128, 65536))
             .map_err(Error::io("creating the queue io_uring"))?;
         let mut fds = Vec::with_capacity(1 + files.len());
-        fds.push(cdev.as_raw_fd());
+        fds.push(if cfg.no_fixed_cdev {
+            -1
+        } else {
+            cdev.as_raw_fd()
+        });
         fds.extend_from_slice(files);
         ring.submitter()
             .register_files(&fds)
@@ -498,7 +508,7 @@ impl<'fd> Queue<'fd> {
 
     fn fetch_entry(&self, tag: u16) -> Entry {
         let s = self.slot(tag);
-        let mut c = cmd::FetchReq::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
+        let mut c = cmd::FetchReq::new(self.cdev_ref(), s.q_id, s.tag).encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(tag) {
             c = c.buf_addr(a);
         }
@@ -510,8 +520,8 @@ impl<'fd> Queue<'fd> {
 
     fn commit_entry(&self, tag: u16, res: i32) -> Entry {
         let s = self.slot(tag);
-        let mut c =
-            cmd::CommitAndFetchReq::new(CDEV_FIXED, s.q_id, s.tag, res).encoding(self.cfg.encoding);
+        let mut c = cmd::CommitAndFetchReq::new(self.cdev_ref(), s.q_id, s.tag, res)
+            .encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(tag) {
             c = c.buf_addr(a);
         }
@@ -560,6 +570,7 @@ impl<'fd> Queue<'fd> {
     fn batch_start(&mut self) -> Result<()> {
         let depth = self.cfg.depth;
         let addrs: Vec<Option<*mut u8>> = (0..depth).map(|t| self.buf_addr(t)).collect();
+        let cdev = self.cdev_ref();
         let Some(b) = self.batch.as_mut() else {
             return Ok(());
         };
@@ -567,8 +578,7 @@ impl<'fd> Queue<'fd> {
             b.push_elem(tag, 0, addr);
         }
         let prep = std::mem::take(&mut b.pending);
-        let e =
-            cmd::PrepIoCmds::new(CDEV_FIXED, self.cfg.q_id, b.flags, depth, prep.as_ptr()).build();
+        let e = cmd::PrepIoCmds::new(cdev, self.cfg.q_id, b.flags, depth, prep.as_ptr()).build();
         // SAFETY: `prep` lives until after the wait below, which returns
         // this command's completion (nothing else is in flight).
         unsafe { self.with_submit(|sub| sub.push_kind(KIND_PREP, 0, 0, e)) }
@@ -611,13 +621,14 @@ impl<'fd> Queue<'fd> {
     }
 
     fn arm_fetch(&mut self) {
-        let e = cmd::FetchIoCmds::new(CDEV_FIXED, self.cfg.q_id, FETCH_BUF_GROUP).build();
+        let e = cmd::FetchIoCmds::new(self.cdev_ref(), self.cfg.q_id, FETCH_BUF_GROUP).build();
         self.push_own(KIND_FETCH, 0, e);
     }
 
     /// Batch mode: commits everything finished since the last flush in one
     /// COMMIT_IO_CMDS.
     fn flush_commits(&mut self) {
+        let cdev = self.cdev_ref();
         let Some(b) = self.batch.as_mut() else { return };
         if b.pending.is_empty() {
             return;
@@ -632,8 +643,7 @@ impl<'fd> Queue<'fd> {
         let slot = &mut b.in_flight[id as usize];
         std::mem::swap(slot, &mut b.pending);
         let nr = (slot.len() / b.elem_bytes) as u16;
-        let e =
-            cmd::CommitIoCmds::new(CDEV_FIXED, self.cfg.q_id, b.flags, nr, slot.as_ptr()).build();
+        let e = cmd::CommitIoCmds::new(cdev, self.cfg.q_id, b.flags, nr, slot.as_ptr()).build();
         b.cmds += 1;
         // SAFETY: the elements stay in `in_flight[id]` until this command's
         // CQE returns the slot to `free`.
@@ -847,9 +857,21 @@ impl<'fd> Queue<'fd> {
         }
     }
 
+    /// Where the ublk commands go: fixed file 0, or the plain descriptor
+    /// ([`QueueConfig::no_fixed_cdev`]).
+    #[inline]
+    fn cdev_ref(&self) -> cmd::FileRef {
+        if self.cfg.no_fixed_cdev {
+            cmd::FileRef::Fd(self.cdev.as_raw_fd())
+        } else {
+            CDEV_FIXED.into()
+        }
+    }
+
     fn need_get_data(&mut self, tag: u16) {
         let s = self.slot(tag);
-        let mut c = cmd::NeedGetData::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
+        let mut c =
+            cmd::NeedGetData::new(self.cdev_ref(), s.q_id, s.tag).encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(tag) {
             c = c.buf_addr(a);
         }
@@ -858,7 +880,7 @@ impl<'fd> Queue<'fd> {
 
     fn register(&mut self, tag: u16) {
         let s = self.slot(tag);
-        let e = cmd::RegisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, tag)
+        let e = cmd::RegisterIoBuf::new(self.cdev_ref(), s.q_id, s.tag, tag)
             .encoding(self.cfg.encoding)
             .build();
         // Linked so the target's first SQE runs only after the registration.
@@ -1008,7 +1030,7 @@ impl<'fd> Queue<'fd> {
         }
         if state.registered {
             let s = self.slot(tag);
-            let e = cmd::UnregisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, tag)
+            let e = cmd::UnregisterIoBuf::new(self.cdev_ref(), s.q_id, s.tag, tag)
                 .encoding(self.cfg.encoding)
                 .build();
             self.push_own(KIND_UNREG, tag, e);
