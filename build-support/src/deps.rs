@@ -25,8 +25,10 @@ pub const VM_PACKAGES: &[&str] = &[
     "debian-archive-keyring",
 ];
 
-/// Additional packages needed by the full test run (`cargo xtask test`).
-pub const TEST_PACKAGES: &[&str] = &["cpio", "fio", "libclang-dev", "xfsprogs"];
+/// Additional packages needed by the full test run (`cargo xtask test`,
+/// and `cargo xtask selftests`: `fdisk` for the kernel selftests' sfdisk;
+/// their bpftrace tests skip without it, saying so).
+pub const TEST_PACKAGES: &[&str] = &["cpio", "fdisk", "fio", "libclang-dev", "xfsprogs"];
 
 /// The installed version of `pkg`, according to dpkg.
 fn installed_version(pkg: &str) -> Option<String> {
