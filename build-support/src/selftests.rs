@@ -152,8 +152,13 @@ pub fn verdict(status: i32, output: &str, per_test_timeout: u64) -> Verdict {
     }
 }
 
+/// What the rig's guest adds to a script's output: udevadm's note that
+/// it does nothing in the guest's chroot.
+const GUEST_NOISE: &str = "Running in chroot, ignoring request.";
+
 /// The last line of a script's output that says something: not its
-/// `NAME : [PASS|SKIP|FAIL]` line nor the "starting at" banner.
+/// `NAME : [PASS|SKIP|FAIL]` line, the "starting at"/"done at" banners or
+/// [`GUEST_NOISE`].
 fn last_message(output: &str) -> Option<&str> {
     output.lines().map(str::trim).rev().find(|l| {
         !l.is_empty()
@@ -161,6 +166,7 @@ fn last_message(output: &str) -> Option<&str> {
             && !l.ends_with(": [FAIL]")
             && !l.ends_with(": [PASS]")
             && !l.starts_with("ublk selftest: ")
+            && *l != GUEST_NOISE
     })
 }
 
@@ -431,6 +437,17 @@ mod tests {
             Verdict::Fail("[FAIL] in its output (exit 0): stress_05 failure: -t null -z".into())
         );
         assert_eq!(verdict(1, "", 9), Verdict::Fail("exit 1".into()));
+        assert_eq!(
+            verdict(
+                1,
+                "ublk: invalid value 'stripe' for '--type <TARGET>'\nRunning in chroot, ignoring request.\nbatch_01 : [FAIL]\n",
+                9
+            ),
+            Verdict::Fail(
+                "[FAIL] in its output (exit 1): ublk: invalid value 'stripe' for '--type <TARGET>'"
+                    .into()
+            )
+        );
         assert_eq!(
             verdict(124, "x : [PASS]", 150),
             Verdict::Fail("timed out after 150 s".into())
