@@ -116,6 +116,14 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     if a.dev.auto_zc_fallback && !a.dev.auto_zc {
         return Err(usage("--auto_zc_fallback needs --auto_zc"));
     }
+    if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && a.dev.batch && !a.dev.per_io_tasks {
+        // kublk spreads the queues over the threads (or the threads over
+        // the queues) here; this library's batch workers serve one whole
+        // queue each.
+        return Err(usage(
+            "batch I/O (-b) with --nthreads other than the number of queues is not supported yet",
+        ));
+    }
     if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && !a.dev.per_io_tasks {
         return Err(usage(
             "--nthreads other than the number of queues needs --per_io_tasks",
