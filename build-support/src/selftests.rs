@@ -7,8 +7,8 @@
 //! In the guest the suite is copied to the scratch `/tmp` with the server
 //! as `kublk` and the `metadata_size` helper beside it, and each script runs
 //! under `timeout`. Its output lands in the shared target directory
-//! (`target/selftests/SUITE-SERVER/NAME.log`); a marker line carries its
-//! exit status and duration. ksft's exit 4 is a skip; any `[FAIL]` in the
+//! (`target/selftests/SUITE-SERVER/NAME.log`), and its exit status and
+//! duration to the `results` file beside it. ksft's exit 4 is a skip; any `[FAIL]` in the
 //! output is a failure whatever the exit status (the stress and recover
 //! scripts run cases as background jobs whose failure does not reach it).
 
@@ -65,8 +65,9 @@ const KSFT_SKIP: i32 = 4;
 /// `timeout`'s exit status when it killed the script (124), or when the
 /// script ignored SIGTERM and `--kill-after` sent SIGKILL (128 + 9).
 const TIMED_OUT: [i32; 2] = [124, 137];
-/// Marker of one script's result: `MARKER STATUS SECONDS NAME`.
-const RESULT_MARKER: &str = "@@UBLK-RIG-SELFTEST@@";
+/// The file in the log directory the guest appends one line per test to:
+/// `STATUS SECONDS NAME`.
+const RESULTS_FILE: &str = "results";
 
 /// What one script did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +173,7 @@ fn last_message(output: &str) -> Option<&str> {
 
 /// The guest script: copies the suite to `/tmp/ublk-selftests` with
 /// `server` as `kublk`, runs each test with a timeout, its output to
-/// `log_dir/NAME.log`, and prints a result marker per test.
+/// `log_dir/NAME.log`, and appends a line per test to `log_dir/results`.
 fn guest_script(
     peers: &Peers,
     server: &Path,
@@ -202,7 +203,7 @@ fn guest_script(
              timeout -k 10 {per_test_timeout} bash ./test_{t}.sh >\"$logs/\"{name}.log 2>&1 </dev/null\n\
              st=$?\nend=$(date +%s)\ncat \"$logs/\"{name}.log\n\
              ./kublk del -a >/dev/null 2>&1\n\
-             echo {RESULT_MARKER} $st $((end - start)) {name}\n",
+             echo $st $((end - start)) {name} >>\"$logs/{RESULTS_FILE}\"\n",
             header = shell_quote(&format!("=== selftest {t} ===")),
         );
     }
@@ -210,13 +211,11 @@ fn guest_script(
     Ok(s)
 }
 
-/// Parses the result markers among a guest's rig lines: `(name, status,
-/// seconds)`.
-fn parse_markers(rig_lines: &[String]) -> Vec<(String, i32, u64)> {
-    rig_lines
-        .iter()
+/// Parses the guest's results file: `(name, status, seconds)` per line.
+fn parse_results(text: &str) -> Vec<(String, i32, u64)> {
+    text.lines()
         .filter_map(|l| {
-            let mut w = l.strip_prefix(RESULT_MARKER)?.split_whitespace();
+            let mut w = l.split_whitespace();
             let status = w.next()?.parse().ok()?;
             let secs = w.next()?.parse().ok()?;
             Some((w.next()?.to_owned(), status, secs))
@@ -263,29 +262,22 @@ pub fn run_suite(
         let script = guest_script(peers, server.1, &remaining, &log_dir, per_test_timeout)?;
         // After a guest kernel oops (see `cargo xtask test`), a new guest
         // runs what had not reported, the test that was running included.
-        let (rig_lines, end) = match vm::run(kernel, vm_opts, &script) {
-            Ok(outcome) => (
-                outcome.rig_lines,
-                Some("did not report a result".to_owned()),
-            ),
-            Err(e) => {
-                let seen = e
-                    .downcast_ref::<vm::Panicked>()
-                    .map(|p| p.rig_lines.clone());
-                match seen {
-                    Some(lines) if panics < MAX_PANIC_RETRIES => {
-                        panics += 1;
-                        eprintln!("error: {e:#}; a new guest runs the tests left");
-                        (lines, None)
-                    }
-                    lines => (
-                        lines.unwrap_or_default(),
-                        Some(format!("did not report: {e:#}")),
-                    ),
-                }
+        let end = match vm::run(kernel, vm_opts, &script) {
+            Ok(_) => Some("did not report a result".to_owned()),
+            Err(e) if e.downcast_ref::<vm::Panicked>().is_some() && panics < MAX_PANIC_RETRIES => {
+                panics += 1;
+                eprintln!("error: {e:#}; a new guest runs the tests left");
+                None
             }
+            Err(e) => Some(format!("did not report: {e:#}")),
         };
-        for (name, status, secs) in parse_markers(&rig_lines) {
+        // The results file rather than the console's rig lines: it keeps
+        // what reported when the guest then timed out or QEMU died.
+        let reported = std::fs::read_to_string(log_dir.join(RESULTS_FILE)).unwrap_or_default();
+        for (name, status, secs) in parse_results(&reported) {
+            if !remaining.contains(&name) {
+                continue;
+            }
             let log =
                 std::fs::read_to_string(log_dir.join(format!("{name}.log"))).unwrap_or_default();
             remaining.retain(|t| *t != name);
@@ -472,14 +464,9 @@ mod tests {
     }
 
     #[test]
-    fn markers() {
-        let lines = [
-            format!("{RESULT_MARKER} 4 12 generic_02"),
-            "@@UBLK-RIG-OTHER@@ x".into(),
-            format!("{RESULT_MARKER} 0 3 null_01"),
-        ];
+    fn results_file() {
         assert_eq!(
-            parse_markers(&lines),
+            parse_results("4 12 generic_02\ngarbage\n0 3 null_01\n"),
             [("generic_02".into(), 4, 12), ("null_01".into(), 0, 3)]
         );
     }
