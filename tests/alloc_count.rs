@@ -161,7 +161,7 @@ fn measure(kind: Kind, mode: CopyMode, batch: bool) -> Option<Measured> {
         .copy_mode(mode)
         .batch(batch);
     if let Err(e) = ctrl.require(builder.requested_flags(ctrl.features())) {
-        eprintln!("skipped {kind:?} {mode:?} (batch: {batch}): {e}");
+        eprintln!("SKIP: {kind:?} {mode:?} (batch: {batch}): {e}");
         return None;
     }
     let dev = match kind {

@@ -155,7 +155,7 @@ fn get_dev_info_fallback_agrees_with_get_dev_info2() {
     let e = legacy
         .dev_info(id)
         .expect_err("GET_DEV_INFO of a deleted device");
-    assert_eq!(e.errno(), Some(libc::ENODEV), "{e}");
+    assert_eq!(e.errno(), Some(ublk::Errno::NODEV), "{e}");
 }
 
 #[test]
@@ -303,7 +303,7 @@ fn try_stop_dev_stops_an_unopened_device() {
 fn try_stop_dev_refuses_an_opened_device() {
     let ctrl = control();
     if !ctrl.features().contains(Features::SAFE_STOP_DEV) {
-        eprintln!("skipped: kernel lacks UBLK_F_SAFE_STOP_DEV");
+        eprintln!("SKIP: the kernel lacks UBLK_F_SAFE_STOP_DEV");
         return;
     }
     let dev = live(&ctrl, DeviceBuilder::new().depth(8));
@@ -345,7 +345,7 @@ fn missing_features_are_refused_by_name() {
         );
     }
     if tried == 0 {
-        eprintln!("skipped: the kernel supports every copy mode");
+        eprintln!("SKIP: the kernel supports every copy mode (no refusal to check)");
     }
     // Whatever the kernel, an unknown-to-it flag set through `flags` is refused too.
     if !missing.is_empty() {

@@ -31,7 +31,7 @@ fn verify_mode(mode: CopyMode, queues: u16, batch: bool) {
         mode.features()
     };
     if let Err(e) = ctrl.require(wanted) {
-        eprintln!("skipped {mode:?} (batch: {batch}): {e}");
+        eprintln!("SKIP: {mode:?} (batch: {batch}): {e}");
         return;
     }
     let builder = DeviceBuilder::new()

@@ -151,7 +151,7 @@ fn shmem_control() -> Option<Arc<Control>> {
     match ctrl.require(Features::SHMEM_ZC) {
         Ok(()) => Some(ctrl),
         Err(e) => {
-            eprintln!("skipped: {e}");
+            eprintln!("SKIP: {e}");
             None
         }
     }

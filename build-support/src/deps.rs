@@ -25,9 +25,11 @@ pub const VM_PACKAGES: &[&str] = &[
     "debian-archive-keyring",
 ];
 
-/// Additional packages needed by the full test run (`cargo xtask test`):
-/// udev for the test of the shipped udev rule (systemd-udevd in the guest).
-pub const TEST_PACKAGES: &[&str] = &["cpio", "fio", "libclang-dev", "udev", "xfsprogs"];
+/// Additional packages needed by the full test run (`cargo xtask test`,
+/// and `cargo xtask selftests`): `fdisk` for the kernel selftests' sfdisk
+/// (their bpftrace tests skip without it, saying so), `udev` for the test
+/// of the shipped udev rule (systemd-udevd in the guest).
+pub const TEST_PACKAGES: &[&str] = &["cpio", "fdisk", "fio", "libclang-dev", "udev", "xfsprogs"];
 
 /// The installed version of `pkg`, according to dpkg.
 fn installed_version(pkg: &str) -> Option<String> {

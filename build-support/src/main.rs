@@ -8,6 +8,8 @@
 //! * `refresh-header` updates ublk-sys's copy of the kernel's ublk_cmd.h.
 //! * `peers` builds and caches the peer ublk servers the bench compares
 //!   against (kublk of the kernel selftests, rublk).
+//! * `selftests` runs the kernel's ublk selftests (`test_*.sh`) in a guest
+//!   with our `ublk` as their `kublk`, or with kublk itself.
 //! * `man` writes the commands' man pages into `target/man/`.
 
 mod bench;
@@ -18,6 +20,7 @@ mod initramfs;
 mod kernel;
 mod man;
 mod peers;
+mod selftests;
 mod test;
 mod util;
 mod vm;
@@ -109,6 +112,29 @@ enum Cmd {
         /// criterion's filter (a regex over TARGET/JOB/VARIANT) and options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the kernel's ublk selftests (tools/testing/selftests/ublk of
+    /// Debian's linux-source-7.2) in a guest, with our `ublk` (release) as
+    /// their `kublk`, or with kublk itself; one line per test and a summary.
+    Selftests {
+        /// The Debian suite whose newest kernel to boot.
+        #[arg(long, value_enum, default_value = "sid")]
+        kernel: Suite,
+        /// The server the scripts drive.
+        #[arg(long, value_enum, default_value = "ours")]
+        server: selftests::Server,
+        /// Seconds one test script may run before it is killed (and fails).
+        #[arg(long, default_value_t = 600)]
+        test_timeout: u64,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 10800)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 3072)]
+        mem: u32,
+        /// Tests to run (e.g. `generic_03` or `test_generic_03.sh`); all of
+        /// them by default.
+        tests: Vec<String>,
     },
     /// Write the man pages of ublk (one per subcommand too), ublk-loop and
     /// ublk-null, generated from their clap definitions, into target/man/.
@@ -230,6 +256,25 @@ fn run(cli: Cli) -> Result<u8> {
                 mem_mb: mem,
                 args,
             })
+        }
+        Cmd::Selftests {
+            kernel,
+            server,
+            test_timeout,
+            timeout,
+            mem,
+            tests,
+        } => {
+            deps::ensure_for_tests()?;
+            let ok = selftests::run(&selftests::SelftestOptions {
+                suite: kernel,
+                server,
+                tests,
+                per_test_timeout: test_timeout,
+                timeout: Duration::from_secs(timeout),
+                mem_mb: mem,
+            })?;
+            Ok(if ok { 0 } else { 1 })
         }
         Cmd::Man { out_dir } => {
             let dir = match out_dir {

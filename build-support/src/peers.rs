@@ -108,6 +108,9 @@ pub struct Peers {
     /// The selftests' `metadata_size` helper, built beside kublk (`None`
     /// when the kernel's selftests have no such helper).
     pub metadata_size: Option<PathBuf>,
+    /// The kernel's ublk selftests directory (`test_*.sh`, `test_common.sh`,
+    /// kublk's C sources) kublk was built from.
+    pub selftests: PathBuf,
     /// `rublk` from crates.io.
     pub rublk: PathBuf,
     /// Its crate version, e.g. `rublk 0.2.15`.
@@ -140,6 +143,7 @@ fn get(refresh: bool) -> Result<Peers> {
         kublk: kublk.kublk,
         kublk_version: kublk.version,
         metadata_size: kublk.metadata_size,
+        selftests: kublk.selftests,
         rublk,
         rublk_version: format!("rublk {RUBLK_VERSION}"),
     })
@@ -152,6 +156,7 @@ fn get(refresh: bool) -> Result<Peers> {
 struct Kublk {
     kublk: PathBuf,
     metadata_size: Option<PathBuf>,
+    selftests: PathBuf,
     version: String,
 }
 
@@ -225,9 +230,11 @@ fn locate_kublk(root: &Path, record: &Record) -> Option<Kublk> {
     }
     let kublk = fs::canonicalize(dir.join("bin/kublk")).ok()?;
     let metadata_size = fs::canonicalize(dir.join("bin/metadata_size")).ok();
+    let selftests = fs::canonicalize(dir.join("src")).ok()?;
     Some(Kublk {
         kublk,
         metadata_size,
+        selftests,
         version: record.version.clone(),
     })
 }

@@ -1,13 +1,14 @@
 //! `cargo xtask test`: lints, host tests, then every test binary's ignored
 //! (kernel-needing) tests in one guest per kernel.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
 use crate::kernel::{self, Suite};
+use crate::selftests;
 use crate::util::{self, shell_quote, Workspace};
 use crate::vm;
 
@@ -81,6 +82,98 @@ struct Row {
     kernel: String,
     binary: String,
     result: String,
+}
+
+/// A test that printed `SKIP: reason` (it did not run, or not all of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    /// Where: `host` or the guest's label.
+    pub kernel: String,
+    /// The test binary (or cargo step).
+    pub binary: String,
+    /// The test's name as libtest prints it (`?` when not known).
+    pub test: String,
+    /// What it printed after `SKIP: `.
+    pub reason: String,
+}
+
+/// The `SKIP: reason` lines of libtest output run with `--show-output`
+/// (which prints a passing test's captured output under `---- NAME stdout
+/// ----`): `(test, reason)`, the test `?` for a line outside such a block.
+pub fn parse_skips(output: &str) -> Vec<(String, String)> {
+    let mut test = "?";
+    let mut skips = Vec::new();
+    for line in output.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
+            test = name;
+        } else if line == "successes:" || line == "failures:" {
+            test = "?";
+        } else if let Some(reason) = line.trim_start().strip_prefix("SKIP: ") {
+            skips.push((test.to_owned(), reason.trim().to_owned()));
+        }
+    }
+    skips
+}
+
+/// Runs `cmd`, its stdout shown as it comes and returned; whether it
+/// succeeded.
+fn run_shown(cmd: &mut std::process::Command) -> Result<(bool, String)> {
+    use std::io::{BufRead, Write};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", util::describe(cmd)))?;
+    let mut text = String::new();
+    let out = child.stdout.take().context("no stdout")?;
+    let mut reader = std::io::BufReader::new(out);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(&line).and_then(|()| stdout.flush());
+        text.push_str(&String::from_utf8_lossy(&line));
+        line.clear();
+    }
+    let status = child.wait().context("cannot wait for cargo")?;
+    Ok((status.success(), text))
+}
+
+/// `cargo test --workspace` on the host, every test's output shown
+/// (`--show-output`) so that its `SKIP:` lines are seen; records them.
+fn host_tests(ws: &Workspace, rows: &mut Vec<Row>, skips: &mut Vec<Skip>) {
+    let label = "cargo test (host)";
+    eprintln!("\n=== {label} ===");
+    let mut cmd = util::cargo();
+    cmd.args(["test", "--workspace", "--", "--show-output"])
+        .current_dir(&ws.root);
+    eprintln!("+ {}", util::describe(&cmd));
+    let result = match run_shown(&mut cmd) {
+        Ok((ok, text)) => {
+            skips.extend(parse_skips(&text).into_iter().map(|(test, reason)| Skip {
+                kernel: "host".into(),
+                binary: label.into(),
+                test,
+                reason,
+            }));
+            if ok {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            "FAILED"
+        }
+    };
+    rows.push(Row {
+        kernel: "host".into(),
+        binary: label.into(),
+        result: result.into(),
+    });
 }
 
 /// Runs a cargo step in the workspace root; records failure in `rows`.
@@ -171,16 +264,21 @@ fn build_test_binaries(ws: &Workspace) -> Result<Vec<TestBinary>> {
     Ok(parse_artifacts(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// The guest script running every binary's ignored tests.
-fn guest_script(label: &str, binaries: &[TestBinary]) -> Result<String> {
-    let mut s = String::from("failed=0\n");
-    for b in binaries {
+/// The guest script running every binary's ignored tests, each one's
+/// output (with `--show-output`, so that a passing test's `SKIP:` lines
+/// are there too) also written to `log_dir/INDEX.log`, INDEX its place in
+/// `binaries`.
+fn guest_script(label: &str, binaries: &[TestBinary], log_dir: &Path) -> Result<String> {
+    let logs = util::utf8(log_dir.as_os_str(), "log directory")?;
+    let mut s = format!("failed=0\nlogs={}\nmkdir -p \"$logs\"\n", shell_quote(logs));
+    for (i, b) in binaries.iter().enumerate() {
         let path = util::utf8(b.path.as_os_str(), "test binary path")?;
         let dir = util::utf8(b.package_dir.as_os_str(), "package directory")?;
         let header = format!("=== [{label}] {} ===", b.name);
         s += &format!(
-            "echo {header}\n(cd {dir} && {path} --ignored --test-threads=1)\nst=$?\n\
-             [ $st -eq 0 ] || failed=1\necho\necho {marker} $st {name}\n",
+            "echo {header}\n{{ (cd {dir} && {path} --ignored --test-threads=1 --show-output) 2>&1; \
+             echo $? >\"$logs/{i}.status\"; }} | tee \"$logs/{i}.log\"\nst=$(cat \"$logs/{i}.status\")\n\
+             [ \"$st\" -eq 0 ] || failed=1\necho\necho {marker} $st {name}\n",
             header = shell_quote(&header),
             dir = shell_quote(dir),
             path = shell_quote(path),
@@ -199,6 +297,7 @@ const RESULT_MARKER: &str = "@@UBLK-RIG-RESULT@@";
 pub fn run(opts: &TestOptions) -> Result<bool> {
     let ws = Workspace::locate()?;
     let mut rows = Vec::new();
+    let mut skips = Vec::new();
     if !opts.skip_lint {
         cargo_step(
             &ws,
@@ -229,13 +328,7 @@ pub fn run(opts: &TestOptions) -> Result<bool> {
             &mut rows,
         );
     }
-    cargo_step(
-        &ws,
-        "cargo test (host)",
-        &["test", "--workspace"],
-        &[],
-        &mut rows,
-    );
+    host_tests(&ws, &mut rows, &mut skips);
     publish_dry_run(&ws, &mut rows);
 
     if !opts.host_only {
@@ -251,14 +344,18 @@ pub fn run(opts: &TestOptions) -> Result<bool> {
             Ok(binaries) => {
                 eprintln!("{} test binaries", binaries.len());
                 for &suite in &opts.suites {
-                    guest_run(&ws, suite, &binaries, opts, &mut rows);
+                    guest_run(&ws, suite, &binaries, opts, &mut rows, &mut skips);
                 }
             }
         }
     }
 
+    if !opts.host_only && opts.suites.contains(&Suite::Sid) {
+        kernel_selftests(&ws, opts, &mut rows, &mut skips);
+    }
+
     let all_ok = rows.iter().all(|r| r.result == "ok");
-    print_summary(&rows);
+    print_summary(&rows, &skips);
     Ok(all_ok)
 }
 
@@ -269,6 +366,7 @@ fn guest_run(
     binaries: &[TestBinary],
     opts: &TestOptions,
     rows: &mut Vec<Row>,
+    skips: &mut Vec<Skip>,
 ) {
     let failed_row = |rows: &mut Vec<Row>, kernel: String, e: anyhow::Error| {
         eprintln!("error: {e:#}");
@@ -293,8 +391,9 @@ fn guest_run(
         if stress { " (stress)" } else { "" }
     );
     eprintln!("\n=== guest tests on {label} ({}) ===", kernel.release);
+    let log_dir = ws.target_dir.join("guest-tests").join(suite.name());
     let attempt = |binaries: &[TestBinary]| {
-        guest_script(&label, binaries).and_then(|script| {
+        guest_script(&label, binaries, &log_dir).and_then(|script| {
             let mut vm_opts = vm::VmOptions::new(&kernel, ws, opts.mem_mb, opts.timeout)?;
             if stress {
                 for (k, v) in STRESS_ENV {
@@ -317,6 +416,7 @@ fn guest_run(
         match attempt(&remaining) {
             Ok(outcome) => {
                 let reported = record_results(rows, &label, &outcome.rig_lines);
+                skips.extend(logged_skips(&label, &log_dir, &remaining, &reported));
                 if reported.len() < remaining.len() || (outcome.status != 0 && reported.is_empty())
                 {
                     rows.push(Row {
@@ -335,6 +435,7 @@ fn guest_run(
                 Some(p) if panics < MAX_PANIC_RETRIES => {
                     panics += 1;
                     let reported = record_results(rows, &label, &p.rig_lines);
+                    skips.extend(logged_skips(&label, &log_dir, &remaining, &reported));
                     remaining.retain(|b| !reported.contains(&b.name));
                     let running = remaining.first().map_or("?", |b| b.name.as_str());
                     eprintln!(
@@ -352,6 +453,102 @@ fn guest_run(
         }
     }
 }
+
+/// The `SKIP:` lines in the logs of the binaries of one guest run
+/// (`ran`, in the order the script ran them) that reported.
+fn logged_skips(label: &str, log_dir: &Path, ran: &[TestBinary], reported: &[String]) -> Vec<Skip> {
+    ran.iter()
+        .enumerate()
+        .filter(|(_, b)| reported.contains(&b.name))
+        .flat_map(|(i, b)| {
+            let log = std::fs::read_to_string(log_dir.join(format!("{i}.log"))).unwrap_or_default();
+            parse_skips(&log).into_iter().map(|(test, reason)| Skip {
+                kernel: label.to_owned(),
+                binary: b.name.clone(),
+                test,
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// The kernel's ublk selftests our server passes (those listed in
+/// [`selftests::CI_LIST`]) on sid: one row, a failing test fails it; the
+/// suite's other tests are counted as not yet run by CI.
+fn kernel_selftests(
+    ws: &Workspace,
+    opts: &TestOptions,
+    rows: &mut Vec<Row>,
+    skips: &mut Vec<Skip>,
+) {
+    eprintln!("\n=== kernel selftests on sid ===");
+    let outcome = (|| {
+        let kernel = kernel::fetch(Suite::Sid)?;
+        let (peers, bin) = selftests::prepare(ws, selftests::Server::Ours)?;
+        let all = selftests::suite_tests(&peers.selftests)?;
+        let listed = selftests::select(&all, &selftests::ci_list(ws)?)
+            .with_context(|| format!("in {}", selftests::CI_LIST))?;
+        let vm_opts = vm::VmOptions::new(&kernel, ws, opts.mem_mb, opts.timeout)?;
+        let results = selftests::run_suite(
+            ws,
+            &kernel,
+            &peers,
+            (selftests::Server::Ours, &bin),
+            &listed,
+            SELFTEST_TIMEOUT,
+            &vm_opts,
+        )?;
+        let label = format!("sid {}", kernel.version());
+        selftests::print_results(
+            &format!("{label}, server ours ({})", selftests::CI_LIST),
+            &results,
+        );
+        Ok::<_, anyhow::Error>((label, all.len(), results))
+    })();
+    match outcome {
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            rows.push(Row {
+                kernel: "sid".into(),
+                binary: "kernel selftests".into(),
+                result: format!("FAILED: {e:#}"),
+            });
+        }
+        Ok((label, total, results)) => {
+            let failed: Vec<&str> = results
+                .iter()
+                .filter(|r| matches!(r.verdict, selftests::Verdict::Fail(_)))
+                .map(|r| r.name.as_str())
+                .collect();
+            for r in &results {
+                if let selftests::Verdict::Skip(reason) = &r.verdict {
+                    skips.push(Skip {
+                        kernel: label.clone(),
+                        binary: "kernel selftests".into(),
+                        test: r.name.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            rows.push(Row {
+                kernel: label,
+                binary: format!(
+                    "kernel selftests: {} listed, {} not yet run by CI",
+                    results.len(),
+                    total - results.len()
+                ),
+                result: if failed.is_empty() {
+                    "ok".into()
+                } else {
+                    format!("FAILED: {}", failed.join(" "))
+                },
+            });
+        }
+    }
+}
+
+/// Seconds one kernel selftest may run in `cargo xtask test`.
+const SELFTEST_TIMEOUT: u64 = 600;
 
 /// How many times one kernel's guest may panic before its tests fail.
 const MAX_PANIC_RETRIES: u32 = 2;
@@ -379,8 +576,8 @@ fn record_results(rows: &mut Vec<Row>, label: &str, rig_lines: &[String]) -> Vec
     reported
 }
 
-/// Prints the summary table.
-fn print_summary(rows: &[Row]) {
+/// Prints the summary table, then the tests that skipped.
+fn print_summary(rows: &[Row], skips: &[Skip]) {
     let w0 = rows
         .iter()
         .map(|r| r.kernel.len())
@@ -397,6 +594,16 @@ fn print_summary(rows: &[Row]) {
     println!("{:w0$}  {:w1$}  result", "kernel", "binary");
     for r in rows {
         println!("{:w0$}  {:w1$}  {}", r.kernel, r.binary, r.result);
+    }
+    println!(
+        "\n{} skipped (they did not run, or not all of them did):",
+        skips.len()
+    );
+    for s in skips {
+        println!(
+            "  SKIP  {}  {}  {}: {}",
+            s.kernel, s.binary, s.test, s.reason
+        );
     }
 }
 
@@ -417,6 +624,19 @@ mod tests {
         let results: Vec<_> = rows.iter().map(|r| r.result.as_str()).collect();
         assert_eq!(results, ["ok", "FAILED (exit 101)"]);
         assert!(rows.iter().all(|r| r.kernel == "sid 7.2.13"));
+    }
+
+    #[test]
+    fn skips_are_attributed_to_their_test() {
+        let out = "running 3 tests\ntest a ... ok\ntest b ... ok\n\nsuccesses:\n\n---- a stdout ----\nnoise\nSKIP: the kernel lacks UBLK_F_QUIESCE\n\n---- b stdout ----\n  SKIP: [\"-z\"]: no zero copy\n\nsuccesses:\n    a\n    b\nSKIP: stray\n";
+        assert_eq!(
+            parse_skips(out),
+            [
+                ("a".into(), "the kernel lacks UBLK_F_QUIESCE".into()),
+                ("b".into(), "[\"-z\"]: no zero copy".into()),
+                ("?".into(), "stray".into()),
+            ]
+        );
     }
 
     #[test]
@@ -461,9 +681,11 @@ not json"#;
             path: "/w/t/e2e-1".into(),
             package_dir: "/w".into(),
         }];
-        let s = guest_script("sid 7.2.13", &bins).expect("script");
+        let s = guest_script("sid 7.2.13", &bins, Path::new("/w/t/logs")).expect("script");
         assert!(s.contains("echo '=== [sid 7.2.13] e2e (test) ==='\n"));
-        assert!(s.contains("(cd /w && /w/t/e2e-1 --ignored --test-threads=1)\n"));
+        assert!(s.contains(
+            "{ (cd /w && /w/t/e2e-1 --ignored --test-threads=1 --show-output) 2>&1; echo $? >\"$logs/0.status\"; } | tee \"$logs/0.log\"\n"
+        ));
         assert!(s.contains("echo @@UBLK-RIG-RESULT@@ $st 'e2e (test)'\n"));
         assert!(s.ends_with("exit $failed\n"));
     }

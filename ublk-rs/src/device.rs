@@ -233,6 +233,7 @@ impl DeviceBuilder {
             armed: true,
             threads: if self.per_io() { self.threads } else { 0 },
             affinity: QueueAffinity::default(),
+            no_fixed_cdev: false,
         };
         dev.cdev = Some(open_char_dev(info.id())?);
         Ok(dev)
@@ -319,6 +320,8 @@ pub struct Device {
     /// Serving threads when not one per queue (0: one per queue).
     threads: u16,
     affinity: QueueAffinity,
+    /// See [`Device::set_fixed_cdev`].
+    no_fixed_cdev: bool,
 }
 
 /// Selects the I/O scheduler of the block device `/dev/ublkb{id}` by
@@ -393,6 +396,7 @@ impl Device {
             armed: false,
             threads: 0,
             affinity: QueueAffinity::default(),
+            no_fixed_cdev: false,
         })
     }
 
@@ -431,6 +435,13 @@ impl Device {
         self.ctrl.set_params(self.info.dev_ref(), params)?;
         self.params = Some(*params);
         Ok(())
+    }
+
+    /// Whether the queue rings on the next [`Device::run`] register the
+    /// char device as a fixed file (the default) or send the ublk commands
+    /// to its plain descriptor (kublk's `--no_ublk_fixed_fd`).
+    pub fn set_fixed_cdev(&mut self, fixed: bool) {
+        self.no_fixed_cdev = !fixed;
     }
 
     /// Where queue threads run on the next [`Device::run`] (default
@@ -548,6 +559,7 @@ impl Device {
                     mode,
                     encoding: ctrl.encoding(),
                     batch: info.flags().contains(Features::BATCH_IO),
+                    no_fixed_cdev: self.no_fixed_cdev,
                 };
                 let cdev = cdev.as_fd();
                 let spawned = std::thread::Builder::new()

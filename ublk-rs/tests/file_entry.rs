@@ -125,7 +125,7 @@ fn flush_discard_and_write_zeroes() {
     ] {
         let res = run(&f, req(desc(op, flags, sector, 8), IoBuf::None)).unwrap();
         if res == -libc::EOPNOTSUPP {
-            eprintln!("{name}: the temp directory's file system cannot; skipped");
+            eprintln!("SKIP: {name}: the temp directory's file system cannot");
             continue;
         }
         assert_eq!(res, 0, "{name}");

@@ -135,7 +135,9 @@ pub struct DevOptions {
     /// Automatic buffer registration (UBLK_F_AUTO_BUF_REG).
     #[arg(long = "auto_zc", alias = "auto-zc")]
     pub auto_zc: bool,
-    /// With --auto_zc: fall back to manual registration when automatic fails.
+    /// With --auto_zc: fall back to manual registration when automatic
+    /// fails (kublk's `-z --auto_zc --auto_zc_fallback` is accepted too: the
+    /// device then also has UBLK_F_SUPPORT_ZERO_COPY).
     #[arg(long = "auto_zc_fallback", alias = "auto-zc-fallback")]
     pub auto_zc_fallback: bool,
     /// User copy (UBLK_F_USER_COPY).
@@ -147,12 +149,12 @@ pub struct DevOptions {
     /// User recovery (UBLK_F_USER_RECOVERY; also --user_recovery).
     #[arg(short = 'r', long = "recovery", aliases = ["user_recovery", "user-recovery"], value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
     pub recovery: u8,
-    /// With -r 1: fail I/O while no daemon is attached
-    /// (UBLK_F_USER_RECOVERY_FAIL_IO; also --user_recovery_fail_io).
+    /// Fail I/O while no daemon is attached (UBLK_F_USER_RECOVERY_FAIL_IO;
+    /// implies -r 1, as in kublk; also --user_recovery_fail_io).
     #[arg(short = 'e', long = "recovery_fail_io", aliases = ["recovery-fail-io", "user_recovery_fail_io", "user-recovery-fail-io"], value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
     pub recovery_fail_io: u8,
-    /// With -r 1: reissue in-flight I/O after recovery
-    /// (UBLK_F_USER_RECOVERY_REISSUE; also --user_recovery_reissue).
+    /// Reissue in-flight I/O after recovery (UBLK_F_USER_RECOVERY_REISSUE;
+    /// implies -r 1, as in kublk; also --user_recovery_reissue).
     #[arg(short = 'i', long = "recovery_reissue", aliases = ["recovery-reissue", "user_recovery_reissue", "user-recovery-reissue"], value_parser = clap::value_parser!(u8).range(0..=1), default_value_t = 0)]
     pub recovery_reissue: u8,
     /// Batch I/O (UBLK_F_BATCH_IO).
@@ -167,6 +169,35 @@ pub struct DevOptions {
     /// Don't scan partitions at start (UBLK_F_NO_AUTO_PART_SCAN).
     #[arg(long = "no_auto_part_scan", alias = "no-auto-part-scan")]
     pub no_auto_part_scan: bool,
+    /// Send the ublk commands to the char device's descriptor instead of
+    /// registering it as a fixed file in each queue's io_uring.
+    #[arg(long = "no_ublk_fixed_fd", alias = "no-ublk-fixed-fd")]
+    #[serde(default)]
+    pub no_ublk_fixed_fd: bool,
+    /// DMA alignment mask of the disk's buffers, 2^n - 1
+    /// (UBLK_PARAM_TYPE_DMA_ALIGN; decimal or 0x hex; null: default 4095,
+    /// as kublk).
+    #[arg(long = "dma_alignment", alias = "dma-alignment", value_name = "MASK", value_parser = parse_u32_number)]
+    #[serde(default)]
+    pub dma_alignment: Option<u32>,
+    /// Segment boundary mask, 2^n - 1 ≥ 4095 (UBLK_PARAM_TYPE_SEGMENT;
+    /// decimal or 0x hex; null: default 4095, as kublk; others: the
+    /// kernel's 0xffffffff where another segment limit is given).
+    #[arg(long = "seg_boundary_mask", alias = "seg-boundary-mask", value_name = "MASK", value_parser = parse_u64_number)]
+    #[serde(default)]
+    pub seg_boundary_mask: Option<u64>,
+    /// Largest segment, a size ≥ 4 KiB (UBLK_PARAM_TYPE_SEGMENT; null:
+    /// default 32 KiB, as kublk; others: the kernel's 64 KiB where another
+    /// segment limit is given).
+    #[arg(long = "max_segment_size", alias = "max-segment-size", value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default)]
+    pub max_segment_size: Option<u64>,
+    /// Most segments in a request, 1..=65535 (UBLK_PARAM_TYPE_SEGMENT; null:
+    /// default 32, as kublk; others: the kernel's 128 where another
+    /// segment limit is given).
+    #[arg(long = "max_segments", alias = "max-segments", value_parser = clap::value_parser!(u16).range(1..))]
+    #[serde(default)]
+    pub max_segments: Option<u16>,
     /// An unprivileged device (UBLK_F_UNPRIVILEGED_DEV).
     #[arg(long)]
     pub unprivileged: bool,
@@ -461,13 +492,31 @@ fn parse_max_io_bytes(s: &str) -> Result<u64, String> {
 }
 
 /// ublksrv's `--debug_mask`: decimal, or hexadecimal with `0x`.
-fn parse_debug_mask(s: &str) -> Result<u32, String> {
+/// A decimal or `0x` hex number.
+fn number(s: &str) -> Option<u64> {
     let t = s.trim();
     match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => t.parse(),
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
     }
-    .map_err(|_| format!("debug mask {s:?} is not a 32-bit number (decimal or 0x hex)"))
+}
+
+/// A 32-bit decimal or `0x` hex number.
+fn number32(s: &str) -> Option<u32> {
+    number(s).and_then(|n| u32::try_from(n).ok())
+}
+
+fn parse_debug_mask(s: &str) -> Result<u32, String> {
+    number32(s)
+        .ok_or_else(|| format!("debug mask {s:?} is not a 32-bit number (decimal or 0x hex)"))
+}
+
+fn parse_u32_number(s: &str) -> Result<u32, String> {
+    number32(s).ok_or_else(|| format!("{s:?} is not a 32-bit number (decimal or 0x hex)"))
+}
+
+fn parse_u64_number(s: &str) -> Result<u64, String> {
+    number(s).ok_or_else(|| format!("{s:?} is not a 64-bit number (decimal or 0x hex)"))
 }
 
 /// The log level a ublksrv debug mask asks for (`None`: the default).

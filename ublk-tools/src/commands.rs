@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
-use ublk::params::{Attrs, BasicParams, DiscardParams, Params};
+use ublk::params::{Attrs, BasicParams, DiscardParams, Params, SegmentParams};
 use ublk::{Control, CopyMode, DevInfo, Device, DeviceBuilder, Errno, Features, StartKind};
 
 use crate::cli::{
@@ -107,18 +107,29 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     .iter()
     .filter(|&&m| m)
     .count();
-    if modes > 1 {
+    // kublk's `-z --auto_zc --auto_zc_fallback`: auto registration whose
+    // fallback registers by hand, which zero copy's flag allows.
+    let fallback_zc = a.dev.zero_copy && a.dev.auto_zc && a.dev.auto_zc_fallback;
+    if modes > 1 && !(fallback_zc && modes == 2) {
         return Err(usage("choose one of -z, --auto_zc, -u and -g"));
     }
     if a.dev.auto_zc_fallback && !a.dev.auto_zc {
         return Err(usage("--auto_zc_fallback needs --auto_zc"));
+    }
+    if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && a.dev.batch && !a.dev.per_io_tasks {
+        // kublk spreads the queues over the threads (or the threads over
+        // the queues) here; this library's batch workers serve one whole
+        // queue each.
+        return Err(usage(
+            "batch I/O (-b) with --nthreads other than the number of queues is not supported yet",
+        ));
     }
     if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && !a.dev.per_io_tasks {
         return Err(usage(
             "--nthreads other than the number of queues needs --per_io_tasks",
         ));
     }
-    let mode = if a.dev.zero_copy {
+    let mode = if a.dev.zero_copy && !fallback_zc {
         CopyMode::ZeroCopy
     } else if a.dev.auto_zc {
         CopyMode::AutoBufReg {
@@ -132,8 +143,12 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
         CopyMode::Copy
     };
     let mut flags = Features::empty();
+    // As in kublk, -e 1 and -i 1 imply -r 1.
+    let recovery =
+        a.dev.recovery == 1 || a.dev.recovery_reissue == 1 || a.dev.recovery_fail_io == 1;
     for (on, f) in [
-        (a.dev.recovery == 1, Features::USER_RECOVERY),
+        (fallback_zc, Features::SUPPORT_ZERO_COPY),
+        (recovery, Features::USER_RECOVERY),
         (a.dev.recovery_reissue == 1, Features::USER_RECOVERY_REISSUE),
         (a.dev.recovery_fail_io == 1, Features::USER_RECOVERY_FAIL_IO),
         (a.dev.unprivileged, Features::UNPRIVILEGED_DEV),
@@ -143,9 +158,6 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
         if on {
             flags |= f;
         }
-    }
-    if (a.dev.recovery_reissue == 1 || a.dev.recovery_fail_io == 1) && a.dev.recovery != 1 {
-        return Err(usage("-i 1 and -e 1 need user recovery (-r 1)"));
     }
     // Combinations the library refuses too, said here with the flags.
     if a.dev.recovery_reissue == 1 && a.dev.recovery_fail_io == 1 {
@@ -163,7 +175,7 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
             "batch I/O (-b) serves whole queues: use as many threads as queues",
         ));
     }
-    if a.dev.unprivileged && a.dev.recovery == 1 {
+    if a.dev.unprivileged && recovery {
         return Err(usage(
             "unprivileged devices cannot use user recovery (-r 1): the kernel forbids it",
         ));
@@ -203,6 +215,61 @@ fn builder(a: &AddArgs, kernel: Features) -> anyhow::Result<(DeviceBuilder, Copy
     Ok((b, mode))
 }
 
+/// kublk's null target's DMA alignment and segment limits.
+const NULL_DMA_ALIGNMENT: u32 = 4095;
+const NULL_SEGMENTS: SegmentParams = SegmentParams {
+    seg_boundary_mask: 4095,
+    max_segment_size: 32 << 10,
+    max_segments: 32,
+};
+/// The kernel's segment limits where none are set (BLK_SEG_BOUNDARY_MASK,
+/// BLK_MAX_SEGMENT_SIZE, BLK_MAX_SEGMENTS): what a segment option left out
+/// stays at.
+const KERNEL_SEGMENTS: SegmentParams = SegmentParams {
+    seg_boundary_mask: 0xffff_ffff,
+    max_segment_size: 1 << 16,
+    max_segments: 128,
+};
+
+/// The DMA alignment and segment parameters of `a` on a `kind` device:
+/// the options, else kublk's values for null, else none; checked as
+/// [`Params::validate`] does.
+fn queue_limits(
+    a: &AddArgs,
+    kind: TargetKind,
+) -> anyhow::Result<(Option<u32>, Option<SegmentParams>)> {
+    let d = &a.dev;
+    let null = kind == TargetKind::Null;
+    let dma = d.dma_alignment.or(null.then_some(NULL_DMA_ALIGNMENT));
+    let given =
+        d.seg_boundary_mask.is_some() || d.max_segment_size.is_some() || d.max_segments.is_some();
+    let segment = if null || given {
+        let base = if null { NULL_SEGMENTS } else { KERNEL_SEGMENTS };
+        let max_segment_size = match d.max_segment_size {
+            None => base.max_segment_size,
+            Some(size) => u32::try_from(size)
+                .map_err(|_| usage(format!("--max_segment_size {size} is too large")))?,
+        };
+        Some(SegmentParams {
+            seg_boundary_mask: d.seg_boundary_mask.unwrap_or(base.seg_boundary_mask),
+            max_segment_size,
+            max_segments: d.max_segments.unwrap_or(base.max_segments),
+        })
+    } else {
+        None
+    };
+    let check = Params {
+        dma_alignment: dma,
+        segment,
+        ..Params::basic(BasicParams::new(1 << 20, 1 << 20))
+    };
+    check.validate().map_err(|e| match e {
+        ublk::Error::Config(msg) => usage(msg),
+        e => e.into(),
+    })?;
+    Ok((dma, segment))
+}
+
 fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
     a.target
         .ok_or_else(|| usage("missing target type: use -t null or -t loop"))
@@ -240,6 +307,7 @@ fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
         }
     }
     builder(a, Features::empty())?;
+    queue_limits(a, kind)?;
     Ok(())
 }
 
@@ -468,6 +536,7 @@ fn serve(
             basic.attrs |= Attrs::READ_ONLY;
         }
         let mut params = Params::basic(basic);
+        (params.dma_alignment, params.segment) = queue_limits(a, kind)?;
         params.discard = backing
             .as_ref()
             .and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
@@ -551,6 +620,7 @@ fn serve(
         }
     };
     dev.set_queue_affinity(a.dev.queue_affinity.into());
+    dev.set_fixed_cdev(!a.dev.no_ublk_fixed_fd);
     let start = if recover {
         StartKind::Recover
     } else {
@@ -1002,11 +1072,34 @@ mod tests {
             ..Default::default()
         });
         assert!(plan(&a).unwrap_err().to_string().contains("choose one"));
+        // As in kublk, -i 1 and -e 1 imply -r 1.
+        for (reissue, fail_io, extra) in [
+            (1, 0, Features::USER_RECOVERY_REISSUE),
+            (0, 1, Features::USER_RECOVERY_FAIL_IO),
+        ] {
+            let a = with(DevOptions {
+                recovery_reissue: reissue,
+                recovery_fail_io: fail_io,
+                ..Default::default()
+            });
+            assert_eq!(plan(&a).unwrap().1, Features::USER_RECOVERY | extra);
+        }
+        // kublk's -z --auto_zc --auto_zc_fallback.
         let a = with(DevOptions {
-            recovery_reissue: 1,
+            zero_copy: true,
+            auto_zc: true,
+            auto_zc_fallback: true,
             ..Default::default()
         });
-        assert!(plan(&a).unwrap_err().to_string().contains("-r 1"));
+        let (m, f) = plan(&a).unwrap();
+        assert_eq!(m, CopyMode::AutoBufReg { fallback: true });
+        assert_eq!(f, Features::SUPPORT_ZERO_COPY);
+        let a = with(DevOptions {
+            zero_copy: true,
+            auto_zc: true,
+            ..Default::default()
+        });
+        assert!(plan(&a).unwrap_err().to_string().contains("choose one"));
         let a = with(DevOptions {
             auto_zc: true,
             auto_zc_fallback: true,

@@ -340,7 +340,7 @@ mod tests {
     fn tmpfs_punches_holes_but_cannot_zero_ranges() {
         let dir = Path::new("/dev/shm");
         if fs_type(dir) != TMPFS {
-            println!("note: /dev/shm is not a tmpfs here; nothing to probe");
+            println!("SKIP: /dev/shm is not a tmpfs here; nothing to probe");
             return;
         }
         let p = patterned(dir, "ublk-tools-probe");
@@ -361,7 +361,7 @@ mod tests {
     fn a_disk_file_system_punches_holes_and_zeroes_ranges() {
         let dir = std::env::temp_dir();
         if !matches!(fs_type(&dir), EXT4 | XFS | BTRFS) {
-            println!("note: {} is not on ext4, xfs or btrfs here", dir.display());
+            println!("SKIP: {} is not on ext4, xfs or btrfs here", dir.display());
             return;
         }
         let p = patterned(&dir, "ublk-tools-probe");
@@ -404,7 +404,7 @@ mod tests {
     #[test]
     fn a_block_device_is_measured_without_unsafe_ioctls() {
         let Some((dev, size, lbs, pbs)) = some_block_device() else {
-            println!("note: no readable block device here");
+            println!("SKIP: no readable block device here");
             return;
         };
         let b = Backing::open(

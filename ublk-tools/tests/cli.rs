@@ -298,6 +298,13 @@ fn ublk_version_and_help() {
         "--max_io_buf_bytes <SIZE>",
         "Queue depth (1..=4096)",
         "--debug_mask <MASK>",
+        "--no_ublk_fixed_fd",
+        "--dma_alignment <MASK>",
+        "--seg_boundary_mask <MASK>",
+        "--max_segment_size <SIZE>",
+        "--max_segments <MAX_SEGMENTS>",
+        "implies -r 1, as in kublk",
+        "-z --auto_zc --auto_zc_fallback",
     ] {
         assert!(
             help.stdout.contains(needed),
@@ -351,6 +358,10 @@ fn argument_checks_come_before_the_driver_check() {
             "ublk: --nthreads other than the number of queues needs --per_io_tasks",
         ),
         (
+            &["add", "-t", "null", "-q", "1", "--nthreads", "4", "-b"],
+            "ublk: batch I/O (-b) with --nthreads other than the number of queues is not supported yet",
+        ),
+        (
             &["add", "-t", "null", "-b", "-g"],
             "ublk: batch I/O (-b) does not work with NEED_GET_DATA (-g)",
         ),
@@ -359,8 +370,36 @@ fn argument_checks_come_before_the_driver_check() {
             "ublk: batch I/O (-b) serves whole queues: use as many threads as queues",
         ),
         (
-            &["add", "-t", "null", "-i", "1"],
-            "ublk: -i 1 and -e 1 need user recovery (-r 1)",
+            &["add", "-t", "null", "-i", "1", "-e", "1"],
+            "ublk: recovery reissue (-i 1) and fail-I/O (-e 1) exclude each other",
+        ),
+        (
+            &["add", "-t", "null", "-z", "--auto_zc"],
+            "ublk: choose one of -z, --auto_zc, -u and -g",
+        ),
+        (
+            &["add", "-t", "null", "-z", "--auto_zc_fallback"],
+            "ublk: --auto_zc_fallback needs --auto_zc",
+        ),
+        (
+            &["add", "-t", "null", "--dma_alignment", "4096"],
+            "ublk: DMA alignment mask 0x1000 is not 2^n - 1",
+        ),
+        (
+            &["add", "-t", "null", "--dma_alignment", "0x1_000"],
+            "ublk: invalid value '0x1_000' for '--dma_alignment <MASK>': \"0x1_000\" is not a 32-bit number (decimal or 0x hex)",
+        ),
+        (
+            &["add", "-t", "null", "--max_segment_size", "1K"],
+            "ublk: segment limits need max_segment_size >= 4096 and max_segments > 0",
+        ),
+        (
+            &["add", "-t", "loop", "--seg_boundary_mask", "0x7ff", "x.img"],
+            "ublk: segment boundary mask 0x7ff + 1 is not a power of two >= 4096",
+        ),
+        (
+            &["add", "-t", "null", "--max_segments", "0"],
+            "ublk: invalid value '0' for '--max_segments <MAX_SEGMENTS>': 0 is not in 1..=65535",
         ),
         (
             &["add", "-t", "null", "--unprivileged", "-u"],

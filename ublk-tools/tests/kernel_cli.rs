@@ -104,10 +104,19 @@ fn fio_verify_in_every_copy_mode() {
             &["--nthreads", "2", "--per_io_tasks", "-z"],
             "UBLK_F_PER_IO_DAEMON",
         ),
+        // kublk's spelling of auto registration with a manual fallback.
+        (
+            &["-z", "--auto_zc", "--auto_zc_fallback"],
+            "UBLK_F_AUTO_BUF_REG",
+        ),
+        // The char device not a fixed file of the queue rings.
+        (&["--no_ublk_fixed_fd", "-q", "2"], ""),
+        (&["--no_ublk_fixed_fd", "-b"], "UBLK_F_BATCH_IO"),
+        (&["--no_ublk_fixed_fd", "-z"], "UBLK_F_SUPPORT_ZERO_COPY"),
     ];
     for (opts, feature) in modes {
         if !feature.is_empty() && !has_feature(feature) {
-            println!("skipping {opts:?}: kernel lacks {feature}");
+            println!("SKIP: {opts:?}: the kernel lacks {feature}");
             continue;
         }
         let mut args = vec!["add", "-t", "loop", "--quiet"];
@@ -120,6 +129,69 @@ fn fio_verify_in_every_copy_mode() {
         ok(&["del", "-n", &id.to_string()]);
     }
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn null_queue_limits_are_kublks_unless_given() {
+    let _cleanup = Cleanup;
+    let limits = |id: u32| {
+        ["dma_alignment", "max_segments", "max_segment_size"].map(|f| {
+            sh(&format!("cat /sys/block/ublkb{id}/queue/{f}"))
+                .trim()
+                .to_owned()
+        })
+    };
+    // UBLK_PARAM_TYPE_DMA_ALIGN and _SEGMENT came with Linux 6.14; 6.12
+    // ignores them (a null device still works there: the tests of the
+    // null target show it).
+    if guest_kernel() == "trixie" {
+        println!(
+            "SKIP: {} has no DMA alignment and segment parameters",
+            guest_kernel()
+        );
+        return;
+    }
+    let id = first_id(&ok(&["add", "-t", "null"]));
+    assert_eq!(limits(id), ["4095", "32", "32768"]);
+    let id = first_id(&ok(&[
+        "add",
+        "-t",
+        "null",
+        "--dma_alignment",
+        "511",
+        "--seg_boundary_mask",
+        "0xffffffff",
+        "--max_segment_size",
+        "64K",
+        "--max_segments",
+        "64",
+    ]));
+    assert_eq!(limits(id), ["511", "64", "65536"]);
+    sh(&format!("fio --name=r --filename=/dev/ublkb{id} --direct=1 --ioengine=io_uring --rw=randread --bs=1M --iodepth=4 --size=1G --io_size=16M --output-format=terse > /dev/null"));
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn recovery_options_imply_user_recovery_as_in_kublk() {
+    let _cleanup = Cleanup;
+    for (opt, feature) in [
+        ("-e", "UBLK_F_USER_RECOVERY_FAIL_IO"),
+        ("-i", "UBLK_F_USER_RECOVERY_REISSUE"),
+    ] {
+        if !has_feature(feature) {
+            println!("SKIP: {opt} 1: the kernel lacks {feature}");
+            continue;
+        }
+        let id = first_id(&ok(&["add", "-t", "null", opt, "1"]));
+        let flags = json(id)["flags"].as_u64().unwrap();
+        assert_ne!(
+            flags & ublk_sys::UBLK_F_USER_RECOVERY,
+            0,
+            "{opt} 1: {flags:#x}"
+        );
+        ok(&["del", "-n", &id.to_string()]);
+    }
 }
 
 #[test]

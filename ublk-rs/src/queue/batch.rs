@@ -6,7 +6,7 @@
 
 use io_uring::{cqueue, IoUring};
 
-use super::{CopyMode, IoIndex, Kind, Queue, QueueConfig, CDEV_FIXED};
+use super::{CopyMode, IoIndex, Kind, Queue, QueueConfig};
 use crate::cmd;
 use crate::mem::BufRing;
 use crate::target::Target;
@@ -104,6 +104,7 @@ impl Queue<'_> {
     pub(super) fn batch_start(&mut self) -> Result<()> {
         let depth = self.cfg.depth;
         let addrs: Vec<Option<*mut u8>> = (0..depth).map(|t| self.buf_addr(IoIndex(t))).collect();
+        let cdev = self.cdev_ref();
         let Some(b) = self.batch.as_mut() else {
             return Ok(());
         };
@@ -111,8 +112,7 @@ impl Queue<'_> {
             b.push_elem(tag, 0, addr);
         }
         let prep = std::mem::take(&mut b.pending);
-        let e =
-            cmd::PrepIoCmds::new(CDEV_FIXED, self.cfg.q_id, b.flags, depth, prep.as_ptr()).build();
+        let e = cmd::PrepIoCmds::new(cdev, self.cfg.q_id, b.flags, depth, prep.as_ptr()).build();
         // `prep` lives until after the wait below, which returns this
         // command's completion (nothing else is in flight).
         self.push_own(Kind::Prep, IoIndex(0), 0, e)
@@ -145,7 +145,7 @@ impl Queue<'_> {
     }
 
     fn arm_fetch(&mut self) {
-        let e = cmd::FetchIoCmds::new(CDEV_FIXED, self.cfg.q_id, FETCH_BUF_GROUP).build();
+        let e = cmd::FetchIoCmds::new(self.cdev_ref(), self.cfg.q_id, FETCH_BUF_GROUP).build();
         self.push_own_or_log(Kind::Fetch, IoIndex(0), e);
     }
 
@@ -161,6 +161,7 @@ impl Queue<'_> {
     /// Commits everything finished since the last flush in one
     /// COMMIT_IO_CMDS.
     pub(super) fn flush_commits(&mut self) {
+        let cdev = self.cdev_ref();
         let Some(b) = self.batch.as_mut() else { return };
         if b.pending.is_empty() {
             return;
@@ -175,8 +176,7 @@ impl Queue<'_> {
         let slot = &mut b.in_flight[id as usize];
         std::mem::swap(slot, &mut b.pending);
         let nr = (slot.len() / b.elem_bytes) as u16;
-        let e =
-            cmd::CommitIoCmds::new(CDEV_FIXED, self.cfg.q_id, b.flags, nr, slot.as_ptr()).build();
+        let e = cmd::CommitIoCmds::new(cdev, self.cfg.q_id, b.flags, nr, slot.as_ptr()).build();
         b.cmds += 1;
         // The elements stay in `in_flight[id]` until this command's CQE
         // returns the slot to `free`.

@@ -5,7 +5,7 @@
 
 use io_uring::squeue::{Entry, Flags as SqeFlags};
 
-use super::{CopyMode, IoIndex, IoState, Kind, Queue, CDEV_FIXED};
+use super::{CopyMode, IoIndex, IoState, Kind, Queue};
 use crate::cmd::{self, AutoBufReg};
 use crate::target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Submit, Target};
 
@@ -74,7 +74,7 @@ impl Queue<'_> {
 
     pub(super) fn fetch_entry(&self, io: IoIndex) -> Entry {
         let s = self.slot(io);
-        let mut c = cmd::FetchReq::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
+        let mut c = cmd::FetchReq::new(self.cdev_ref(), s.q_id, s.tag).encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(io) {
             c = c.buf_addr(a);
         }
@@ -86,8 +86,8 @@ impl Queue<'_> {
 
     fn commit_entry(&self, io: IoIndex, res: i32) -> Entry {
         let s = self.slot(io);
-        let mut c =
-            cmd::CommitAndFetchReq::new(CDEV_FIXED, s.q_id, s.tag, res).encoding(self.cfg.encoding);
+        let mut c = cmd::CommitAndFetchReq::new(self.cdev_ref(), s.q_id, s.tag, res)
+            .encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(io) {
             c = c.buf_addr(a);
         }
@@ -99,7 +99,8 @@ impl Queue<'_> {
 
     fn need_get_data(&mut self, io: IoIndex) {
         let s = self.slot(io);
-        let mut c = cmd::NeedGetData::new(CDEV_FIXED, s.q_id, s.tag).encoding(self.cfg.encoding);
+        let mut c =
+            cmd::NeedGetData::new(self.cdev_ref(), s.q_id, s.tag).encoding(self.cfg.encoding);
         if let Some(a) = self.buf_addr(io) {
             c = c.buf_addr(a);
         }
@@ -108,7 +109,7 @@ impl Queue<'_> {
 
     fn register(&mut self, io: IoIndex) {
         let s = self.slot(io);
-        let e = cmd::RegisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, io.0)
+        let e = cmd::RegisterIoBuf::new(self.cdev_ref(), s.q_id, s.tag, io.0)
             .encoding(self.cfg.encoding)
             .build();
         // Linked so the target's first SQE runs only after the registration.
@@ -260,7 +261,7 @@ impl Queue<'_> {
         }
         if state.registered {
             let s = self.slot(io);
-            let e = cmd::UnregisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, io.0)
+            let e = cmd::UnregisterIoBuf::new(self.cdev_ref(), s.q_id, s.tag, io.0)
                 .encoding(self.cfg.encoding)
                 .build();
             self.push_own_or_log(Kind::Unreg, io, e);

@@ -109,6 +109,11 @@ pub struct QueueConfig {
     pub encoding: Encoding,
     /// Batch I/O (`UBLK_F_BATCH_IO`): one multishot fetch and bulk commits.
     pub batch: bool,
+    /// Send the ublk commands to the char device's plain descriptor
+    /// instead of registering it as fixed file 0 of the ring (kublk's
+    /// `--no_ublk_fixed_fd`; slot 0 stays empty, so a target's files keep
+    /// their indices).
+    pub no_fixed_cdev: bool,
 }
 
 /// A worker's io index: the position of one (queue, tag) pair in the list
@@ -168,7 +173,8 @@ fn decode_user_data(ud: u64) -> (Option<Kind>, IoIndex, u32) {
     (kind, IoIndex(ud as u16), (ud >> 32) as u32)
 }
 
-/// The char device is always registered file 0 of a queue ring.
+/// The char device is registered file 0 of a queue ring (unless
+/// [`QueueConfig::no_fixed_cdev`]: then slot 0 is empty).
 pub const CDEV_FIXED: types::Fixed = types::Fixed(0);
 
 /// Counters a queue keeps; returned when it stops.
@@ -274,6 +280,17 @@ fn build_ring(entries: u32, cq_entries: u32) -> io::Result<IoUring> {
 }
 
 impl<'fd> Queue<'fd> {
+    /// Where the ublk commands go: fixed file 0, or the plain descriptor
+    /// ([`QueueConfig::no_fixed_cdev`]).
+    #[inline]
+    fn cdev_ref(&self) -> crate::cmd::FileRef {
+        if self.cfg.no_fixed_cdev {
+            crate::cmd::FileRef::Fd(self.cdev.as_raw_fd())
+        } else {
+            CDEV_FIXED.into()
+        }
+    }
+
     /// Sets up queue `cfg.q_id` on the char device `cdev`, registering
     /// `files` after it in the ring's file table.
     pub fn new(cfg: QueueConfig, cdev: BorrowedFd<'fd>, files: &[RawFd]) -> Result<Self> {
@@ -347,7 +364,11 @@ impl<'fd> Queue<'fd> {
         let ring = build_ring(entries, (depth * 8).next_power_of_two().clamp(128, 65536))
             .map_err(Error::io("creating the queue io_uring"))?;
         let mut fds = Vec::with_capacity(1 + files.len());
-        fds.push(cdev.as_raw_fd());
+        fds.push(if cfg.no_fixed_cdev {
+            -1
+        } else {
+            cdev.as_raw_fd()
+        });
         fds.extend_from_slice(files);
         ring.submitter()
             .register_files(&fds)

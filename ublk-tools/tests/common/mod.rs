@@ -344,7 +344,7 @@ pub fn skip(test: &str, feature: &str) -> bool {
         return false;
     }
     println!(
-        "note: skipping {test} on {}: the kernel lacks {feature}",
+        "SKIP: {test} on {}: the kernel lacks {feature}",
         guest_kernel()
     );
     true
