@@ -108,9 +108,6 @@ pub struct Peers {
     /// The selftests' `metadata_size` helper, built beside kublk (`None`
     /// when the kernel's selftests have no such helper).
     pub metadata_size: Option<PathBuf>,
-    /// The kernel's ublk selftests directory (`test_*.sh`, `test_common.sh`,
-    /// kublk's C sources) kublk was built from.
-    pub selftests: PathBuf,
     /// `rublk` from crates.io.
     pub rublk: PathBuf,
     /// Its crate version, e.g. `rublk 0.2.15`.
@@ -133,17 +130,24 @@ pub fn update() -> Result<Peers> {
     get(true)
 }
 
+/// Only kublk and the selftests (what `cargo xtask selftests` needs: no
+/// rublk, whose first build is minutes of a fresh machine's CI).
+pub fn ensure_kublk() -> Result<Kublk> {
+    let root = util::cache_root()?.join("peers");
+    util::create_dir_all(&root)?;
+    ensure_kublk_in(&root, false)
+}
+
 /// [`ensure`] or, with `refresh`, [`update`].
 fn get(refresh: bool) -> Result<Peers> {
     let root = util::cache_root()?.join("peers");
     util::create_dir_all(&root)?;
-    let kublk = ensure_kublk(&root, refresh)?;
+    let kublk = ensure_kublk_in(&root, refresh)?;
     let rublk = ensure_rublk(&root)?;
     Ok(Peers {
         kublk: kublk.kublk,
         kublk_version: kublk.version,
         metadata_size: kublk.metadata_size,
-        selftests: kublk.selftests,
         rublk,
         rublk_version: format!("rublk {RUBLK_VERSION}"),
     })
@@ -151,13 +155,17 @@ fn get(refresh: bool) -> Result<Peers> {
 
 // ---------------------------------------------------------------- kublk --
 
-/// A built kublk.
+/// A built kublk, and the selftests it came with.
 #[derive(Debug)]
-struct Kublk {
-    kublk: PathBuf,
-    metadata_size: Option<PathBuf>,
-    selftests: PathBuf,
-    version: String,
+pub struct Kublk {
+    /// The kublk binary.
+    pub kublk: PathBuf,
+    /// The suite's `metadata_size` helper, where it built.
+    pub metadata_size: Option<PathBuf>,
+    /// The selftests directory (`tools/testing/selftests/ublk`).
+    pub selftests: PathBuf,
+    /// "PACKAGE VERSION" of the linux-source package.
+    pub version: String,
 }
 
 /// `peers/kublk.json`: which build is current.
@@ -240,7 +248,7 @@ fn locate_kublk(root: &Path, record: &Record) -> Option<Kublk> {
 }
 
 /// The cached kublk, refreshed as [`ensure`] describes.
-fn ensure_kublk(root: &Path, refresh: bool) -> Result<Kublk> {
+fn ensure_kublk_in(root: &Path, refresh: bool) -> Result<Kublk> {
     let record_path = root.join("kublk.json");
     let record = fs::read_to_string(&record_path)
         .ok()

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
 use crate::kernel::{self, Kernel, Suite};
-use crate::peers::{self, Peers};
+use crate::peers::{self, Kublk};
 use crate::util::{self, shell_quote, Workspace};
 use crate::vm;
 
@@ -175,7 +175,7 @@ fn last_message(output: &str) -> Option<&str> {
 /// `server` as `kublk`, runs each test with a timeout, its output to
 /// `log_dir/NAME.log`, and appends a line per test to `log_dir/results`.
 fn guest_script(
-    peers: &Peers,
+    peers: &Kublk,
     server: &Path,
     tests: &[String],
     log_dir: &Path,
@@ -246,7 +246,7 @@ const MAX_PANIC_RETRIES: u32 = 2;
 pub fn run_suite(
     ws: &Workspace,
     kernel: &Kernel,
-    peers: &Peers,
+    peers: &Kublk,
     server: (Server, &Path),
     tests: &[String],
     per_test_timeout: u64,
@@ -357,8 +357,8 @@ fn parse_list(text: &str) -> Vec<String> {
 }
 
 /// The peers (kublk and the suite) and the server binary.
-pub fn prepare(ws: &Workspace, server: Server) -> Result<(Peers, PathBuf)> {
-    let peers = peers::ensure().context("cannot build kublk and extract the selftests")?;
+pub fn prepare(ws: &Workspace, server: Server) -> Result<(Kublk, PathBuf)> {
+    let peers = peers::ensure_kublk().context("cannot build kublk and extract the selftests")?;
     let bin = match server {
         Server::Ours => build_ours(ws)?,
         Server::Kublk => peers.kublk.clone(),
@@ -382,7 +382,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         kernel.release,
         kernel.package_version,
         tests.len(),
-        peers.kublk_version,
+        peers.version,
         opts.server.name()
     );
     let vm_opts = vm::VmOptions::new(&kernel, &ws, opts.mem_mb, opts.timeout)?;
