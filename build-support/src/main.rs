@@ -90,8 +90,9 @@ enum Cmd {
         /// sid of both. What CI runs.
         #[arg(long)]
         stress: bool,
-        /// Seconds before a guest is killed.
-        #[arg(long, default_value_t = 3600)]
+        /// Seconds before a guest is killed (the sid guest of `--stress` takes
+        /// about half an hour on an idle 2-core host, twice that on a loaded one).
+        #[arg(long, default_value_t = 4800)]
         timeout: u64,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 3072)]
