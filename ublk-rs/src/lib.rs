@@ -52,6 +52,7 @@ mod pod;
 pub mod queue;
 pub mod size;
 pub mod target;
+pub mod targets;
 
 pub use ctrl::{Control, DevInfo, DevRef, DevState};
 pub use device::{
@@ -62,7 +63,8 @@ pub use features::Features;
 pub use params::{Attrs, BasicParams, DiscardParams, Params};
 pub use queue::{CopyMode, Queue, QueueStats, Submit};
 pub use size::{parse_size, SizeError};
-pub use target::{FileTarget, Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
+pub use target::{file_entry, FileTarget, Handled, IoBuf, IoDesc, IoFlags, Op, Request, Target};
+pub use targets::{FaultInject, StripeTarget};
 
 /// Re-exported so targets can build SQEs with the same io-uring version.
 pub use io_uring;

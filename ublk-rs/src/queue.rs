@@ -132,6 +132,8 @@ pub struct Submit<'r, 's> {
     target_inflight: &'r mut usize,
     /// The worker io index of the request being handled.
     current: u16,
+    /// A buffer registration is queued, hard-linked to the next entry.
+    registered: bool,
 }
 
 impl std::fmt::Debug for Submit<'_, '_> {
@@ -156,6 +158,32 @@ impl Submit<'_, '_> {
         // SAFETY: forwarded to our caller.
         unsafe { self.push_kind(KIND_TARGET, self.current, data, entry) }?;
         *self.target_inflight += 1;
+        Ok(())
+    }
+
+    /// Whether the queue linked a buffer registration (zero copy, or auto
+    /// registration's fallback) ahead of the request being handled: the
+    /// first entry pushed runs after it. A target that queues several
+    /// entries over the [`IoBuf::Fixed`] buffer sets
+    /// [`SqeFlags::IO_HARDLINK`] on all but its last so they all do (the
+    /// queue keeps [`Target::sqes_per_request`] entries of room after the
+    /// registration, so the chain reaches the kernel in one submission).
+    #[inline]
+    pub fn buffer_registered(&self) -> bool {
+        self.registered
+    }
+
+    /// Hands the queued entries to the kernel now, without waiting.
+    pub fn submit(&mut self) -> io::Result<usize> {
+        self.sq.sync();
+        self.submitter.submit()
+    }
+
+    /// Submits what is queued unless `n` more entries fit.
+    fn make_room(&mut self, n: usize) -> io::Result<()> {
+        if self.sq.capacity() - self.sq.len() < n {
+            self.submit().or_else(ignore_eintr)?;
+        }
         Ok(())
     }
 
@@ -524,10 +552,19 @@ impl<'fd> Queue<'fd> {
     /// Submits FETCH_REQ for every tag. Fails if the kernel refuses any at
     /// once (so the caller never sends START_DEV to a queue that cannot serve).
     pub fn fetch_all(&mut self) -> Result<()> {
+        self.fetch_all_with(&mut NoHooks)
+    }
+
+    /// [`Queue::fetch_all`], calling [`Target::before_fetch`] of `target`
+    /// before each tag's FETCH_REQ is queued (not in batch mode, whose one
+    /// command fetches every tag).
+    pub fn fetch_all_with<T: Target + ?Sized>(&mut self, target: &mut T) -> Result<()> {
         if self.batch.is_some() {
             return self.batch_start();
         }
         for tag in 0..self.ios.len() as u16 {
+            let s = self.slot(tag);
+            self.with_submit(|sub| target.before_fetch(sub, s.q_id, s.tag));
             let e = self.fetch_entry(tag);
             // SAFETY: the entry points at this queue's buffer for `tag` (or at
             // nothing), which lives as long as the queue; the queue waits for
@@ -826,6 +863,7 @@ impl<'fd> Queue<'fd> {
             submitter: &submitter,
             target_inflight: &mut self.target_inflight,
             current: 0,
+            registered: false,
         };
         f(&mut sub)
     }
@@ -856,7 +894,14 @@ impl<'fd> Queue<'fd> {
         self.push_own(KIND_CMD, tag, c.build());
     }
 
-    fn register(&mut self, tag: u16) {
+    /// Links a buffer registration ahead of the next `then` entries, with
+    /// room for them all in the submission queue (a chain cut by a full
+    /// queue would let them run before the registration).
+    fn register(&mut self, tag: u16, then: usize) {
+        let room = self.with_submit(|sub| sub.make_room(then.saturating_add(1)));
+        if let Err(e) = room {
+            log::warn!("queue {}: cannot submit: {e}", self.cfg.q_id);
+        }
         let s = self.slot(tag);
         let e = cmd::RegisterIoBuf::new(CDEV_FIXED, s.q_id, s.tag, tag)
             .encoding(self.cfg.encoding)
@@ -911,12 +956,12 @@ impl<'fd> Queue<'fd> {
         let buf_kind = match self.cfg.mode {
             _ if !d.op.has_data() => BufKind::None,
             CopyMode::ZeroCopy => {
-                self.register(tag);
+                self.register(tag, target.sqes_per_request());
                 BufKind::Fixed
             }
             CopyMode::AutoBufReg { .. } => {
                 if d.flags.contains(IoFlags::NEED_REG_BUF) {
-                    self.register(tag);
+                    self.register(tag, target.sqes_per_request());
                 }
                 BufKind::Fixed
             }
@@ -931,6 +976,10 @@ impl<'fd> Queue<'fd> {
                 return self.finish(tag, res);
             }
         }
+        let registered = self
+            .tags
+            .get(usize::from(tag))
+            .is_some_and(|t| t.registered);
         let handled = {
             let (submitter, mut sq, _) = self.ring.split();
             let mut sub = Submit {
@@ -938,6 +987,7 @@ impl<'fd> Queue<'fd> {
                 submitter: &submitter,
                 target_inflight: &mut self.target_inflight,
                 current: tag,
+                registered,
             };
             let buf = match buf_kind {
                 _ if d.flags.contains(IoFlags::SHMEM_ZC) => IoBuf::Shmem {
@@ -1024,6 +1074,15 @@ impl<'fd> Queue<'fd> {
         }
         let e = self.commit_entry(tag, res);
         self.push_own(KIND_CMD, tag, e);
+    }
+}
+
+/// The target of [`Queue::fetch_all`]: nothing to do before a fetch.
+struct NoHooks;
+
+impl Target for NoHooks {
+    fn handle(&mut self, _: &mut Submit<'_, '_>, _: Request<'_>) -> Handled {
+        Handled::Done(-libc::EIO)
     }
 }
 

@@ -195,6 +195,20 @@ pub trait Target {
     fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
+
+    /// The most entries [`Target::handle`] pushes for one request. A
+    /// buffer registration the queue links ahead of them
+    /// ([`crate::queue::Submit::buffer_registered`]) gets this much room
+    /// in the same submission.
+    fn sqes_per_request(&self) -> usize {
+        1
+    }
+
+    /// Called before the queue fetches (queue `q_id`, tag `tag`) for the
+    /// first time, in tag order, with the earlier fetches queued but
+    /// perhaps not submitted ([`crate::queue::Submit::submit`] sends them).
+    /// For fault injection; nothing by default.
+    fn before_fetch(&mut self, _sub: &mut crate::queue::Submit<'_, '_>, _q_id: u16, _tag: u16) {}
 }
 
 /// The io_uring operation that serves `req` from a file or block device
