@@ -1,4 +1,4 @@
-//! The null and loop targets.
+//! The null, loop, stripe and fault_inject targets.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ublk::{FileTarget, Handled, Request, Submit, Target};
+use ublk::{FaultInject, FileTarget, Handled, Request, StripeTarget, Submit, Target};
+
+use crate::cli::TargetOptions;
 
 /// The null target: every request completes at once with its full length.
 #[derive(Debug, Default, Clone, Copy)]
@@ -249,6 +251,41 @@ pub type LoopTarget = FileTarget<Arc<File>>;
 /// A loop target over `backing`; `read_only` refuses changes with `EROFS`.
 pub fn loop_target(backing: Arc<File>, read_only: bool) -> LoopTarget {
     FileTarget::new(backing).read_only(read_only)
+}
+
+/// The stripe target over the opened `files`, with `--chunk_size`.
+pub fn stripe_target(
+    files: &[Arc<File>],
+    opts: &TargetOptions,
+    depth: u16,
+) -> io::Result<StripeTarget<Arc<File>>> {
+    let chunk = opts
+        .chunk_size
+        .unwrap_or(ublk::targets::stripe::DEFAULT_CHUNK_SIZE);
+    StripeTarget::new(files.to_vec(), chunk, depth)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+/// The fault_inject target around `inner` with `--delay_us`,
+/// `--error_rate`, `--error_range` and `--die_during_fetch`, for the
+/// worker of queue `q_id` (which seeds its error generator).
+pub fn fault_inject<T: Target>(
+    inner: T,
+    opts: &TargetOptions,
+    q_id: u16,
+) -> io::Result<FaultInject<T>> {
+    let mut t = FaultInject::new(inner)
+        .delay(std::time::Duration::from_micros(opts.delay_us.unwrap_or(0)))
+        .die_during_fetch(opts.die_during_fetch == Some(1));
+    if let Some(r) = opts.error_range {
+        t = t.error_range(r.start >> 9, r.len >> 9);
+    }
+    if let Some(p) = opts.error_rate {
+        t = t
+            .error_rate(p / 100.0, 0x5eed_0000 + u64::from(q_id))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
