@@ -375,11 +375,15 @@ fn backing_options(a: &AddArgs) -> BackingOptions {
     }
 }
 
-/// What the daemon tells `add` on its stdout, one JSON line.
-#[derive(Debug, Serialize, Deserialize)]
+/// What the daemon tells `add` on its stdout, JSON lines: `created` once
+/// the device exists (so `add` can delete it should the daemon die before
+/// it is live), then `id` once it is live, or `error`.
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Report {
     id: Option<u32>,
     error: Option<String>,
+    #[serde(default)]
+    created: Option<u32>,
 }
 
 fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
@@ -406,6 +410,11 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
             a.dev.foreground = foreground;
             a.dev.quiet = quiet;
         }
+    }
+    if a.dev.foreground && !recover && a.target_opts.die_during_fetch == Some(1) {
+        return Err(usage(
+            "--die_during_fetch 1 with add --foreground would leave the new device behind: use it with recover, or without --foreground",
+        ));
     }
     precheck(&a, recover)?;
     if a.dev.foreground {
@@ -434,11 +443,19 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
         .stdout
         .take()
         .ok_or_else(|| anyhow!("daemon has no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .context("reading the daemon's report")?;
-    let report: Option<Report> = serde_json::from_str(line.trim()).ok();
+    let mut out = BufReader::new(out);
+    let mut created = None;
+    let report = loop {
+        let mut line = String::new();
+        out.read_line(&mut line)
+            .context("reading the daemon's report")?;
+        match serde_json::from_str::<Report>(line.trim()).ok() {
+            Some(Report {
+                created: Some(id), ..
+            }) => created = Some(id),
+            r => break r,
+        }
+    };
     match report {
         Some(Report { id: Some(id), .. }) => {
             // The device is made and served: a closed stdout only ends
@@ -455,6 +472,19 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
         }
         _ => {
             let status = child.wait()?;
+            // Killed before the device was live: it was never started, and
+            // nobody else will delete it.
+            if let Some(id) = created.filter(|_| !recover) {
+                if let Ok(ctrl) = open_control() {
+                    if let Ok(info) = ctrl.dev_info(id) {
+                        if info.state() != ublk::DevState::Live {
+                            let _ = ctrl.stop_dev(info.dev_ref());
+                            let _ = ctrl.del_dev(info.dev_ref());
+                            DeviceState::remove(id);
+                        }
+                    }
+                }
+            }
             Err(anyhow!(
                 "the daemon exited ({status}) before the device was live; see {}",
                 log_path.display()
@@ -475,8 +505,8 @@ fn daemon(d: &DaemonArgs) -> anyhow::Result<ExitCode> {
                 stdout,
                 "{}",
                 serde_json::to_string(&Report {
-                    id: None,
-                    error: Some(msg.clone())
+                    error: Some(msg.clone()),
+                    ..Default::default()
                 })?
             );
             log::error!("{msg}");
@@ -540,6 +570,14 @@ fn serve(
             })?;
         dev
     };
+    if let (false, Some(out)) = (recover, report.as_mut()) {
+        let created = Report {
+            created: Some(dev.id()),
+            ..Default::default()
+        };
+        let _ = writeln!(out, "{}", serde_json::to_string(&created)?);
+        let _ = out.flush();
+    }
     if !recover {
         let mut basic = BasicParams::new(size, dev.info().max_io_buf_bytes());
         basic.logical_block_size = lbs;
@@ -617,7 +655,7 @@ fn serve(
             Some(out) => {
                 let line = serde_json::to_string(&Report {
                     id: Some(info.id()),
-                    error: None,
+                    ..Default::default()
                 })
                 .unwrap_or_default();
                 let _ = writeln!(out, "{line}");

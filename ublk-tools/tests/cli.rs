@@ -443,6 +443,10 @@ fn stripe_and_fault_inject_options_are_checked() {
             "ublk: invalid value '2' for '--die_during_fetch <0|1>': 2 is not in 0..=1",
         ),
         (
+            &["add", "-t", "fault_inject", "--foreground", "--die_during_fetch", "1"],
+            "ublk: --die_during_fetch 1 with add --foreground would leave the new device behind: use it with recover, or without --foreground",
+        ),
+        (
             &["add", "-t", "fault_inject", "--delay_us", "soon"],
             "ublk: invalid value 'soon' for '--delay_us <US>': invalid digit found in string",
         ),
@@ -463,7 +467,7 @@ fn stripe_and_fault_inject_options_are_checked() {
     );
     let missing = s.0.join("missing.img");
     let missing = missing.to_str().unwrap();
-    let mut refused_files = |args: &[&str], line: String| {
+    let refused_files = |args: &[&str], line: String| {
         assert_eq!(
             run_with(UBLK, args, Path::new(MISSING), &s.state()),
             Run {
