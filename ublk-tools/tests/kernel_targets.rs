@@ -14,7 +14,7 @@ use common::*;
 fn fio_verify(dev: &str) {
     sh(&format!(
         "fio --name=v --filename={dev} --direct=1 --ioengine=io_uring --rw=randwrite --bsrange=4k-256k \
-         --iodepth=32 --size=48M --io_size=12M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+         --iodepth=32 --size=48M --io_size=8M --verify=crc32c --verify_fatal=1 --do_verify=1 \
          --output-format=terse --terse-version=3 | awk -F';' '{{ if ($5 != 0) exit 1 }}'"
     ));
 }
@@ -33,17 +33,21 @@ fn paths(files: &[PathBuf]) -> Vec<&str> {
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
 fn stripe_fio_verify_in_every_copy_mode() {
     let _cleanup = Cleanup;
-    let modes: &[(&[&str], &str)] = &[
+    type Mode = (&'static [&'static str], &'static str);
+    let every: &[Mode] = &[
         (&[], ""),
         (&["-u"], "UBLK_F_USER_COPY"),
         (&["-z"], "UBLK_F_SUPPORT_ZERO_COPY"),
         (&["--auto_zc"], "UBLK_F_AUTO_BUF_REG"),
         (&["-q", "2", "-b"], "UBLK_F_BATCH_IO"),
     ];
-    // Two files with small chunks, three with large ones.
-    let layouts: &[(usize, &str)] = &[(2, "8K"), (3, "128K")];
+    // Two files with small chunks in every mode; three with large ones
+    // in the default mode and with zero copy (its entries hard-linked
+    // after the registration). The guest is slow: this is the minimum.
+    let layouts: &[(usize, &str, &[Mode])] =
+        &[(2, "8K", every), (3, "128K", &[every[0], every[2]])];
     let mut ran = 0;
-    for &(n, chunk) in layouts {
+    for &(n, chunk, modes) in layouts {
         let files = images(&format!("stripe{n}-"), n, "24M");
         for (opts, feature) in modes {
             if !feature.is_empty() && !has_feature(feature) {
@@ -213,11 +217,11 @@ fn fault_inject_fails_a_range_and_a_rate() {
         );
     }
     ok(&["del", "-n", &id.to_string()]);
-    // Half of all requests fail: of 40 reads, some do and some don't.
+    // Half of all requests fail: of 20 reads, some do and some don't.
     let id = first_id(&ok(&["add", "-t", "fault_inject", "--error_rate", "50"]));
     let dev = format!("/dev/ublkb{id}");
-    let failed = (0..40).filter(|&b| !dd_4k(&dev, b, false).0).count();
-    assert!((5..=35).contains(&failed), "{failed} of 40 failed");
+    let failed = (0..20).filter(|&b| !dd_4k(&dev, b, false).0).count();
+    assert!((2..=18).contains(&failed), "{failed} of 20 failed");
     ok(&["del", "-n", &id.to_string()]);
     // None with rate 0, all with 100.
     let id = first_id(&ok(&["add", "-t", "fault_inject", "--error_rate", "100"]));
