@@ -266,6 +266,11 @@ fn check_target_options(a: &AddArgs, kind: TargetKind) -> anyhow::Result<()> {
     if kind != TargetKind::Stripe && t.chunk_size.is_some() {
         return Err(usage("--chunk_size is an option of -t stripe"));
     }
+    if t.die_during_fetch == Some(1) && a.dev.batch {
+        return Err(usage(
+            "--die_during_fetch does not work with batch I/O (-b): one command fetches every tag",
+        ));
+    }
     if kind != TargetKind::FaultInject {
         let given = [
             ("--delay_us", t.delay_us.is_some()),

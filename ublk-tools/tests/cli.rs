@@ -447,6 +447,10 @@ fn stripe_and_fault_inject_options_are_checked() {
             "ublk: --die_during_fetch 1 with add --foreground would leave the new device behind: use it with recover, or without --foreground",
         ),
         (
+            &["add", "-t", "fault_inject", "-b", "--die_during_fetch", "1"],
+            "ublk: --die_during_fetch does not work with batch I/O (-b): one command fetches every tag",
+        ),
+        (
             &["add", "-t", "fault_inject", "--delay_us", "soon"],
             "ublk: invalid value 'soon' for '--delay_us <US>': invalid digit found in string",
         ),
