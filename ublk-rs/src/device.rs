@@ -567,10 +567,10 @@ impl Device {
                     .spawn_scoped(s, move || -> Result<QueueStats> {
                         pin_to(&affinity);
                         let setup = (|| -> Result<(T, Queue<'_>)> {
-                            let target =
+                            let mut target =
                                 make_target(q_id).map_err(Error::io("creating the target"))?;
                             let mut q = Queue::with_ios(cfg, &ios, cdev, &target.fixed_files())?;
-                            q.fetch_all()?;
+                            q.fetch_all_with(&mut target)?;
                             Ok((target, q))
                         })();
                         let (mut target, q) = match setup {

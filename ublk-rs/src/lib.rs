@@ -52,7 +52,8 @@
 //! `unsafe` lives in a few small modules: `pod` (byte views of UAPI
 //! structs), [`mem`] (mmaps), [`ctrl`] and [`queue`] (pushing SQEs that
 //! point at buffers), [`target`] (`Submit::push`, whose contract is the
-//! ring's) and [`targets::file`] (pushing the request buffer's SQE).
+//! ring's) and the ready-made [`targets`] (pushing SQEs that point at the
+//! request's buffer).
 //! Everything else is safe code.
 #![deny(unsafe_code, missing_docs, clippy::undocumented_unsafe_blocks)]
 
@@ -83,7 +84,7 @@ pub use rustix::io::Errno;
 pub use size::{parse_size, SizeError};
 pub use stop::{SignalStop, StopHandle};
 pub use target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Submit, Target};
-pub use targets::{file_entry, FileTarget};
+pub use targets::{file_entry, FaultInject, FileTarget, StripeTarget};
 
 /// Signal numbers for [`Device::stop_on_signals`] (`signal::SIGINT`, …).
 pub use signal_hook::consts::signal;

@@ -194,6 +194,8 @@ pub struct Submit<'r, 's> {
     /// The user data of the request being handled; a pushed entry's `data`
     /// goes into bits 32–63.
     user_data: u64,
+    /// The engine linked a buffer registration ahead of the next entry.
+    registered: bool,
 }
 
 impl std::fmt::Debug for Submit<'_, '_> {
@@ -201,6 +203,7 @@ impl std::fmt::Debug for Submit<'_, '_> {
         f.debug_struct("Submit")
             .field("inflight", &self.inflight)
             .field("user_data", &format_args!("{:#x}", self.user_data))
+            .field("registered", &self.registered)
             .finish()
     }
 }
@@ -220,7 +223,47 @@ impl<'r, 's> Submit<'r, 's> {
             submitter,
             inflight,
             user_data,
+            registered: false,
         }
+    }
+
+    /// Says that a buffer registration is queued, hard-linked to the next
+    /// entry (see [`Submit::buffer_registered`]).
+    #[inline]
+    pub(crate) fn after_registration(mut self, registered: bool) -> Self {
+        self.registered = registered;
+        self
+    }
+
+    /// Whether the engine linked a buffer registration (zero copy, or auto
+    /// registration's fallback) ahead of the request being handled: the
+    /// first entry pushed runs after it. A target that queues several
+    /// entries over the [`IoBuf::Fixed`] buffer sets
+    /// [`io_uring::squeue::Flags::IO_HARDLINK`] on all but its last so they
+    /// all do (the engine keeps [`Target::sqes_per_request`] entries of
+    /// room after the registration, so the chain reaches the kernel in one
+    /// submission).
+    #[inline]
+    pub fn buffer_registered(&self) -> bool {
+        self.registered
+    }
+
+    /// Hands the queued entries to the kernel now, without waiting.
+    pub fn submit(&mut self) -> io::Result<usize> {
+        self.sq.sync();
+        self.submitter.submit()
+    }
+
+    /// Submits what is queued unless `n` more entries fit, so that a chain
+    /// of `n` linked entries is not cut by a full ring.
+    pub(crate) fn make_room(&mut self, n: usize) -> io::Result<()> {
+        if self.sq.capacity() - self.sq.len() < n {
+            match self.submit() {
+                Err(e) if e.raw_os_error() != Some(libc::EINTR) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Queues `entry` for the request being handled; its CQE comes back
@@ -287,6 +330,20 @@ pub trait Target {
     fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
+
+    /// The most entries [`Target::handle`] pushes for one request. A
+    /// buffer registration the engine links ahead of them
+    /// ([`Submit::buffer_registered`]) gets this much room in the same
+    /// submission.
+    fn sqes_per_request(&self) -> usize {
+        1
+    }
+
+    /// Called before the queue fetches (queue `q_id`, tag `tag`) for the
+    /// first time, in tag order, with the earlier fetches queued but
+    /// perhaps not submitted ([`Submit::submit`] sends them). For fault
+    /// injection; nothing by default.
+    fn before_fetch(&mut self, _sub: &mut Submit<'_, '_>, _q_id: u16, _tag: u16) {}
 }
 
 /// Implements [`Target`] for a pointer to a target by forwarding to it.
@@ -304,6 +361,12 @@ macro_rules! forward_target {
             }
             fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
                 (**self).fixed_files()
+            }
+            fn sqes_per_request(&self) -> usize {
+                (**self).sqes_per_request()
+            }
+            fn before_fetch(&mut self, sub: &mut Submit<'_, '_>, q_id: u16, tag: u16) {
+                (**self).before_fetch(sub, q_id, tag)
             }
         }
     )*};

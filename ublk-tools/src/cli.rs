@@ -90,6 +90,12 @@ pub enum TargetKind {
     Null,
     /// Forwards requests to a file or block device.
     Loop,
+    /// Spreads requests over several files in chunks (RAID 0).
+    Stripe,
+    /// Null, or loop over -f FILE, with injected delays and errors.
+    #[value(name = "fault_inject", alias = "fault-inject")]
+    #[serde(rename = "fault_inject")]
+    FaultInject,
 }
 
 /// Options of `add` and `recover`: the target, the device options, and the
@@ -107,6 +113,90 @@ pub struct AddArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub backing: BackingArgs,
+    /// Options of the stripe and fault_inject targets.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub target_opts: TargetOptions,
+}
+
+/// Options of the stripe and fault_inject targets (kublk's names).
+#[derive(Debug, Clone, Args, Serialize, Deserialize, Default)]
+#[command(next_help_heading = "Stripe and fault_inject options")]
+pub struct TargetOptions {
+    /// Stripe: bytes per chunk (a size), a power of two from 4 KiB to
+    /// 512 KiB (default 64 KiB); chunk k goes to file k % FILES.
+    #[arg(long = "chunk_size", alias = "chunk-size", value_name = "SIZE", value_parser = parse_chunk_size)]
+    #[serde(default)]
+    pub chunk_size: Option<u32>,
+    /// Fault injection: complete each request this many microseconds after
+    /// it is done (an io_uring timeout; the queue serves on meanwhile).
+    #[arg(long = "delay_us", alias = "delay-us", value_name = "US")]
+    #[serde(default)]
+    pub delay_us: Option<u64>,
+    /// Fault injection: 1 kills the server (SIGKILL) while it fetches its
+    /// first requests, before tag 1 of a queue (for driver teardown tests).
+    #[arg(long = "die_during_fetch", alias = "die-during-fetch", value_name = "0|1", value_parser = clap::value_parser!(u8).range(0..=1))]
+    #[serde(default)]
+    pub die_during_fetch: Option<u8>,
+    /// Fault injection: fail this percentage of requests (0 to 100,
+    /// fractions allowed) with EIO, picked at random but the same each run.
+    #[arg(long = "error_rate", alias = "error-rate", value_name = "PERCENT", value_parser = parse_percent)]
+    #[serde(default)]
+    pub error_rate: Option<f64>,
+    /// Fault injection: fail every request touching LENGTH bytes from
+    /// START with EIO (sizes, multiples of 512), as a disk with bad
+    /// sectors; e.g. --error_range 1M:64K.
+    #[arg(long = "error_range", alias = "error-range", value_name = "START:LENGTH", value_parser = parse_byte_range)]
+    #[serde(default)]
+    pub error_range: Option<ByteRange>,
+}
+
+/// A byte range of `--error_range`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    u32::try_from(n)
+        .map_err(|_| ())
+        .and_then(|n| {
+            ublk::targets::stripe::check_chunk_size(n)
+                .map(|()| n)
+                .map_err(|_| ())
+        })
+        .map_err(|()| {
+            let r = ublk::targets::stripe::CHUNK_SIZES;
+            format!(
+                "chunk size {n} must be a power of two in {}..={}",
+                r.start(),
+                r.end()
+            )
+        })
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("error rate {s:?} is not a percentage in 0..=100")),
+    }
+}
+
+fn parse_byte_range(s: &str) -> Result<ByteRange, String> {
+    let (start, len) = s
+        .split_once(':')
+        .ok_or_else(|| format!("error range {s:?} is not START:LENGTH"))?;
+    let (start, len) = (parse_size(start)?, parse_size(len)?);
+    if start % 512 != 0 || len % 512 != 0 || len == 0 {
+        return Err(format!(
+            "error range {s:?}: START and LENGTH must be multiples of 512, LENGTH not 0"
+        ));
+    }
+    Ok(ByteRange { start, len })
 }
 
 /// The device options `add`, `recover`, `ublk-loop` and `ublk-null` share.
@@ -241,15 +331,32 @@ pub struct DevOptions {
     pub debug_mask: Option<u32>,
 }
 
-/// The loop target's backing file.
+/// The backing files: loop's and fault_inject's one, stripe's several.
 #[derive(Debug, Clone, Args, Serialize, Deserialize, Default)]
 pub struct BackingArgs {
-    /// Loop backing file (ublksrv style).
-    #[arg(short = 'f', long = "file")]
-    pub file: Option<PathBuf>,
-    /// Loop backing file (kublk style, positional).
+    /// Backing file (ublksrv style; repeat it for the stripe target).
+    #[arg(short = 'f', long = "file", action = ArgAction::Append)]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub file: Vec<PathBuf>,
+    /// Backing file (kublk style, positional; several for stripe).
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
+}
+
+/// `-f` as state files before the stripe target wrote it (one path or
+/// none) and after (a list).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 /// Options of `del`.
@@ -556,17 +663,21 @@ fn parse_device_name(s: &str) -> Result<u32, String> {
 impl BackingArgs {
     /// The backing file, from `-f` or the positional argument.
     pub fn file(&self) -> anyhow::Result<Option<&PathBuf>> {
-        match (&self.file, self.files.as_slice()) {
-            (Some(f), []) => Ok(Some(f)),
-            (None, [f]) => Ok(Some(f)),
-            (None, []) => Ok(None),
-            (Some(_), [_, ..]) => Err(crate::usage(
+        match (self.file.as_slice(), self.files.as_slice()) {
+            ([f], []) | ([], [f]) => Ok(Some(f)),
+            ([], []) => Ok(None),
+            ([_, ..], [_, ..]) => Err(crate::usage(
                 "give the backing file either with -f or as an argument, not both",
             )),
-            (None, [_, _, ..]) => Err(crate::usage(
+            _ => Err(crate::usage(
                 "the loop target takes exactly one backing file",
             )),
         }
+    }
+
+    /// Every backing file, from `-f` (repeated) then the arguments.
+    pub fn all(&self) -> Vec<&PathBuf> {
+        self.file.iter().chain(&self.files).collect()
     }
 }
 
@@ -584,6 +695,7 @@ impl NullCli {
             target: Some(TargetKind::Null),
             dev: self.dev,
             backing: BackingArgs::default(),
+            target_opts: TargetOptions::default(),
         }
     }
 }
@@ -595,6 +707,7 @@ impl LoopCli {
             target: Some(TargetKind::Loop),
             dev: self.dev,
             backing: self.backing,
+            target_opts: TargetOptions::default(),
         }
     }
 }

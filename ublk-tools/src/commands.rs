@@ -17,7 +17,9 @@ use crate::cli::{
     UpdateSizeArgs, UserIdArgs,
 };
 use crate::state::{self, DeviceState};
-use crate::targets::{loop_target, AnyTarget, Backing, BackingOptions, NullTarget};
+use crate::targets::{
+    fault_inject, loop_target, stripe_target, AnyTarget, Backing, BackingOptions, NullTarget,
+};
 use crate::{emit, usage};
 
 /// Default size of a null device: 250 GiB, like ublksrv and kublk.
@@ -272,7 +274,7 @@ fn queue_limits(
 
 fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
     a.target
-        .ok_or_else(|| usage("missing target type: use -t null or -t loop"))
+        .ok_or_else(|| usage("missing target type: use -t null, loop, stripe or fault_inject"))
 }
 
 /// The checks of `a` that need neither the driver nor the backing file
@@ -280,7 +282,38 @@ fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
 /// combinations, everything [`DeviceBuilder::validate`] checks.
 fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
-    match (kind, a.backing_file()?) {
+    check_target_options(a, kind)?;
+    let files = a.backing.all();
+    match kind {
+        TargetKind::Stripe if files.is_empty() => {
+            return Err(usage(
+                "the stripe target needs backing files: -f FILE [-f FILE]... or FILE...",
+            ))
+        }
+        TargetKind::Stripe if files.len() > ublk::targets::stripe::MAX_FILES => {
+            return Err(usage(format!(
+                "the stripe target takes at most {} backing files (got {})",
+                ublk::targets::stripe::MAX_FILES,
+                files.len()
+            )))
+        }
+        TargetKind::Stripe if a.dev.size.is_some() => {
+            return Err(usage(
+                "--size is not for the stripe target: its size is its files'",
+            ))
+        }
+        TargetKind::FaultInject if files.len() > 1 => {
+            return Err(usage(
+                "the fault_inject target takes at most one backing file",
+            ))
+        }
+        _ => {}
+    }
+    let single = match kind {
+        TargetKind::Stripe => None,
+        _ => a.backing_file()?,
+    };
+    match (kind, single) {
         (TargetKind::Loop, None) => {
             return Err(usage(
                 "the loop target needs a backing file: -f FILE or FILE",
@@ -294,7 +327,7 @@ fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    if kind == TargetKind::Null {
+    if kind == TargetKind::Null || (kind == TargetKind::FaultInject && files.is_empty()) {
         let lbs = u64::from(a.dev.logical_block_size.unwrap_or(512));
         match a.dev.size {
             Some(0) => return Err(usage("--size 0: a device needs a non-zero size")),
@@ -311,14 +344,80 @@ fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses the options of one target given to another.
+fn check_target_options(a: &AddArgs, kind: TargetKind) -> anyhow::Result<()> {
+    let t = &a.target_opts;
+    if kind != TargetKind::Stripe && t.chunk_size.is_some() {
+        return Err(usage("--chunk_size is an option of -t stripe"));
+    }
+    if t.die_during_fetch == Some(1) && a.dev.batch {
+        return Err(usage(
+            "--die_during_fetch does not work with batch I/O (-b): one command fetches every tag",
+        ));
+    }
+    if kind != TargetKind::FaultInject {
+        let given = [
+            ("--delay_us", t.delay_us.is_some()),
+            ("--die_during_fetch", t.die_during_fetch.is_some()),
+            ("--error_rate", t.error_rate.is_some()),
+            ("--error_range", t.error_range.is_some()),
+        ];
+        if let Some((name, _)) = given.iter().find(|(_, on)| *on) {
+            return Err(usage(format!("{name} is an option of -t fault_inject")));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the backing files of the target `kind` (none for null), each
+/// checked by [`Backing::open`]; a stripe's must be of one size.
+fn open_backings(a: &AddArgs, kind: TargetKind) -> anyhow::Result<Vec<Backing>> {
+    let files = match kind {
+        TargetKind::Null => Vec::new(),
+        TargetKind::Stripe => a.backing.all(),
+        TargetKind::Loop | TargetKind::FaultInject => a.backing_file()?.into_iter().collect(),
+    };
+    let backings = files
+        .into_iter()
+        .map(|f| Backing::open(f, backing_options(a)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if kind == TargetKind::Stripe {
+        stripe_size(a, &backings)?;
+    }
+    Ok(backings)
+}
+
+/// The size of a stripe over `backings`: [`ublk::targets::stripe::stripe_capacity`],
+/// its refusal said with the files' names.
+fn stripe_size(a: &AddArgs, backings: &[Backing]) -> anyhow::Result<u64> {
+    use ublk::targets::stripe::{stripe_capacity, DEFAULT_CHUNK_SIZE};
+    let chunk = a.target_opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+    let sizes: Vec<u64> = backings.iter().map(|b| b.size).collect();
+    stripe_capacity(&sizes, chunk).map_err(|_| {
+        let whole = |b: &Backing| b.size & !(u64::from(chunk) - 1);
+        match backings.iter().find(|b| whole(b) != whole(&backings[0])) {
+            Some(b) => anyhow!(
+                "stripe files must be the same size in whole {chunk}-byte chunks: {} has {}, {} has {}",
+                backings[0].path.display(),
+                whole(&backings[0]),
+                b.path.display(),
+                whole(b)
+            ),
+            None => anyhow!(
+                "stripe file {} ({} bytes) is smaller than one {chunk}-byte chunk",
+                backings[0].path.display(),
+                backings[0].size
+            ),
+        }
+    })
+}
+
 /// Checks everything that can be checked before a daemon starts: the
 /// arguments first ([`check_arguments`]), then the backing file, then the
 /// driver and what it supports.
 fn precheck(a: &AddArgs, recover: bool) -> anyhow::Result<()> {
     check_arguments(a)?;
-    if let (TargetKind::Loop, Some(f)) = (target_kind(a)?, a.backing_file()?) {
-        drop(Backing::open(f, backing_options(a))?);
-    }
+    drop(open_backings(a, target_kind(a)?)?);
     let ctrl = open_control()?;
     let (b, _) = builder(a, ctrl.features())?;
     ctrl.require(b.requested_flags(ctrl.features()))?;
@@ -365,11 +464,15 @@ fn backing_options(a: &AddArgs) -> BackingOptions {
     }
 }
 
-/// What the daemon tells `add` on its stdout, one JSON line.
-#[derive(Debug, Serialize, Deserialize)]
+/// What the daemon tells `add` on its stdout, JSON lines: `created` once
+/// the device exists (so `add` can delete it should the daemon die before
+/// it is live), then `id` once it is live, or `error`.
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Report {
     id: Option<u32>,
     error: Option<String>,
+    #[serde(default)]
+    created: Option<u32>,
 }
 
 fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
@@ -396,6 +499,11 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
             a.dev.foreground = foreground;
             a.dev.quiet = quiet;
         }
+    }
+    if a.dev.foreground && !recover && a.target_opts.die_during_fetch == Some(1) {
+        return Err(usage(
+            "--die_during_fetch 1 with add --foreground would leave the new device behind: use it with recover, or without --foreground",
+        ));
     }
     precheck(&a, recover)?;
     if a.dev.foreground {
@@ -424,11 +532,19 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
         .stdout
         .take()
         .ok_or_else(|| anyhow!("daemon has no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .context("reading the daemon's report")?;
-    let report: Option<Report> = serde_json::from_str(line.trim()).ok();
+    let mut out = BufReader::new(out);
+    let mut created = None;
+    let report = loop {
+        let mut line = String::new();
+        out.read_line(&mut line)
+            .context("reading the daemon's report")?;
+        match serde_json::from_str::<Report>(line.trim()).ok() {
+            Some(Report {
+                created: Some(id), ..
+            }) => created = Some(id),
+            r => break r,
+        }
+    };
     match report {
         Some(Report { id: Some(id), .. }) => {
             // The device is made and served: a closed stdout only ends
@@ -445,6 +561,19 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
         }
         _ => {
             let status = child.wait()?;
+            // Killed before the device was live: it was never started, and
+            // nobody else will delete it.
+            if let Some(id) = created.filter(|_| !recover) {
+                if let Ok(ctrl) = open_control() {
+                    if let Ok(info) = ctrl.dev_info(id) {
+                        if info.state() != ublk::DevState::Live {
+                            let _ = ctrl.stop_dev(info.dev_ref());
+                            let _ = ctrl.del_dev(info.dev_ref());
+                            DeviceState::remove(id);
+                        }
+                    }
+                }
+            }
             Err(anyhow!(
                 "the daemon exited ({status}) before the device was live; see {}",
                 log_path.display()
@@ -465,8 +594,8 @@ fn daemon(d: &DaemonArgs) -> anyhow::Result<ExitCode> {
                 stdout,
                 "{}",
                 serde_json::to_string(&Report {
-                    id: None,
-                    error: Some(msg.clone())
+                    error: Some(msg.clone()),
+                    ..Default::default()
                 })?
             );
             log::error!("{msg}");
@@ -485,19 +614,28 @@ fn serve(
     let kind = target_kind(a)?;
     let ctrl = Arc::new(open_control()?);
     let (builder, mode) = builder(a, ctrl.features())?;
-    let backing = match (kind, a.backing_file()?) {
-        (TargetKind::Loop, Some(f)) => Some(Backing::open(f, backing_options(a))?),
-        _ => None,
+    let backings = open_backings(a, kind)?;
+    let size = match (kind, backings.first()) {
+        (TargetKind::Stripe, _) => stripe_size(a, &backings)?,
+        (_, Some(b)) => b.size,
+        (_, None) => a.dev.size.unwrap_or(NULL_DEFAULT_SIZE),
     };
-    let size = match &backing {
-        Some(b) => b.size,
-        None => a.dev.size.unwrap_or(NULL_DEFAULT_SIZE),
-    };
-    let lbs = backing
-        .as_ref()
-        .map_or(a.dev.logical_block_size.unwrap_or(512), |b| {
-            b.logical_block_size
-        });
+    if let Some(r) = a.target_opts.error_range {
+        if r.start >= size {
+            return Err(usage(format!(
+                "--error_range starts at byte {}, past the end of the device ({size} bytes)",
+                r.start
+            )));
+        }
+    }
+    let lbs = backings
+        .iter()
+        .map(|b| b.logical_block_size)
+        .max()
+        .unwrap_or(a.dev.logical_block_size.unwrap_or(512));
+    // One file's traits (loop, fault_inject over a file); a stripe has
+    // several and offers no discard.
+    let backing = backings.first().filter(|_| kind != TargetKind::Stripe);
     let mut dev = if recover {
         let id = a.dev.id.unwrap_or_default();
         Device::recover(Arc::clone(&ctrl), id, mode).map_err(|e| match e.errno() {
@@ -521,15 +659,27 @@ fn serve(
             })?;
         dev
     };
+    if let (false, Some(out)) = (recover, report.as_mut()) {
+        let created = Report {
+            created: Some(dev.id()),
+            ..Default::default()
+        };
+        let _ = writeln!(out, "{}", serde_json::to_string(&created)?);
+        let _ = out.flush();
+    }
     if !recover {
         let mut basic = BasicParams::new(size, dev.info().max_io_buf_bytes());
         basic.logical_block_size = lbs;
-        basic.physical_block_size = lbs
-            .max(basic.physical_block_size)
-            .max(backing.as_ref().map_or(0, |b| b.physical_block_size));
+        basic.physical_block_size = lbs.max(basic.physical_block_size).max(
+            backings
+                .iter()
+                .map(|b| b.physical_block_size)
+                .max()
+                .unwrap_or(0),
+        );
         basic.io_min = lbs;
         basic.io_opt = lbs;
-        if kind == TargetKind::Loop {
+        if !backings.is_empty() {
             basic.attrs |= Attrs::VOLATILE_CACHE | Attrs::FUA;
         }
         if a.dev.read_only {
@@ -537,9 +687,7 @@ fn serve(
         }
         let mut params = Params::basic(basic);
         (params.dma_alignment, params.segment) = queue_limits(a, kind)?;
-        params.discard = backing
-            .as_ref()
-            .and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
+        params.discard = backing.and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
         dev.set_params(&params)?;
     }
     let id = dev.id();
@@ -552,9 +700,14 @@ fn serve(
             .context("cannot stop the device on signals")?;
     }
 
-    let backing_file = backing.as_ref().map(|b| b.path.clone());
-    let direct_io = backing.as_ref().map(|b| b.direct_io);
-    let shared = backing.map(|b| Arc::new(b.file));
+    let backing_file = backing.map(|b| b.path.clone());
+    let backing_files: Vec<PathBuf> = match kind {
+        TargetKind::Stripe => backings.iter().map(|b| b.path.clone()).collect(),
+        _ => Vec::new(),
+    };
+    let direct_io = backings.first().map(|b| b.direct_io);
+    let shared: Vec<Arc<File>> = backings.into_iter().map(|b| Arc::new(b.file)).collect();
+    let depth = dev.info().queue_depth();
     let read_only = a.dev.read_only;
     let unprivileged = dev.info().flags().contains(Features::UNPRIVILEGED_DEV);
     let on_live = |info: &DevInfo, queues: &[ublk::QueueInfo]| {
@@ -584,6 +737,7 @@ fn serve(
             target: kind,
             size,
             backing_file: backing_file.clone(),
+            backing_files: backing_files.clone(),
             direct_io,
             pid: std::process::id() as i32,
             queue_tids: queues.iter().map(|q| q.tid).collect(),
@@ -597,7 +751,7 @@ fn serve(
             Some(out) => {
                 let line = serde_json::to_string(&Report {
                     id: Some(info.id()),
-                    error: None,
+                    ..Default::default()
                 })
                 .unwrap_or_default();
                 let _ = writeln!(out, "{line}");
@@ -626,10 +780,22 @@ fn serve(
     } else {
         StartKind::Start
     };
-    let make_target = |_| {
-        Ok(match &shared {
-            Some(file) => AnyTarget::Loop(loop_target(Arc::clone(file), read_only)),
-            None => AnyTarget::Null(NullTarget),
+    let faults = &a.target_opts;
+    let make_target = |q| -> std::io::Result<AnyTarget> {
+        Ok(match (kind, shared.first()) {
+            (TargetKind::Stripe, _) => {
+                AnyTarget::Stripe(stripe_target(&shared, &a.target_opts, depth)?)
+            }
+            (TargetKind::FaultInject, Some(file)) => AnyTarget::FaultLoop(fault_inject(
+                loop_target(Arc::clone(file), read_only),
+                faults,
+                q,
+            )?),
+            (TargetKind::FaultInject, None) => {
+                AnyTarget::FaultNull(fault_inject(NullTarget, faults, q)?)
+            }
+            (_, Some(file)) => AnyTarget::Loop(loop_target(Arc::clone(file), read_only)),
+            (_, None) => AnyTarget::Null(NullTarget),
         })
     };
     let result = dev.run(start, make_target, on_live);
@@ -886,6 +1052,12 @@ pub struct Listing {
     pub target: Option<TargetKind>,
     /// Loop backing file.
     pub backing_file: Option<PathBuf>,
+    /// Stripe backing files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backing_files: Vec<PathBuf>,
+    /// Stripe chunk size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<u32>,
     /// Loop: O_DIRECT.
     pub direct_io: Option<bool>,
     /// Target size in bytes.
@@ -930,6 +1102,19 @@ fn listing(ctrl: &Control, id: u32) -> anyhow::Result<Listing> {
         queues,
         target: st.as_ref().map(|s| s.target),
         backing_file: st.as_ref().and_then(|s| s.backing_file.clone()),
+        backing_files: st
+            .as_ref()
+            .map(|s| s.backing_files.clone())
+            .unwrap_or_default(),
+        chunk_size: st
+            .as_ref()
+            .filter(|s| s.target == TargetKind::Stripe)
+            .map(|s| {
+                s.options
+                    .target_opts
+                    .chunk_size
+                    .unwrap_or(ublk::targets::stripe::DEFAULT_CHUNK_SIZE)
+            }),
         direct_io: st.as_ref().and_then(|s| s.direct_io),
         size: st.as_ref().map(|s| s.size),
     })
@@ -951,23 +1136,43 @@ pub fn format_listing(l: &Listing) -> String {
         ));
     }
     match (l.target, &l.backing_file) {
-        (Some(TargetKind::Loop), Some(f)) => s.push_str(&format!(
-            "\ttarget loop backing_file {} size {} direct_io {}\n",
+        (Some(t @ (TargetKind::Loop | TargetKind::FaultInject)), Some(f)) => s.push_str(&format!(
+            "\ttarget {} backing_file {} size {} direct_io {}\n",
+            target_name(t),
             f.display(),
             l.size.unwrap_or(0),
             u8::from(l.direct_io.unwrap_or(false))
         )),
+        (Some(TargetKind::Stripe), _) => {
+            let files: Vec<String> = l
+                .backing_files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            s.push_str(&format!(
+                "\ttarget stripe backing_files {} chunk_size {} size {} direct_io {}\n",
+                files.join(" "),
+                l.chunk_size.unwrap_or(0),
+                l.size.unwrap_or(0),
+                u8::from(l.direct_io.unwrap_or(false))
+            ))
+        }
         (Some(t), _) => s.push_str(&format!(
             "\ttarget {} size {}\n",
-            serde_json::to_value(t)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            target_name(t),
             l.size.unwrap_or(0)
         )),
         (None, _) => s.push_str("\ttarget unknown (no state file)\n"),
     }
     s
+}
+
+/// A target's name as `-t` takes it.
+fn target_name(t: TargetKind) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// What `list` prints for `ids`.
@@ -1024,6 +1229,8 @@ mod tests {
             }],
             target: Some(TargetKind::Null),
             backing_file: None,
+            backing_files: Vec::new(),
+            chunk_size: None,
             direct_io: None,
             size: Some(250 << 30),
         };
@@ -1039,6 +1246,28 @@ mod tests {
         );
         assert_eq!(lines[2], "\tqueue 0: tid 179 affinity(0 1)");
         assert_eq!(lines[3], "\ttarget null size 268435456000");
+        let stripe = Listing {
+            target: Some(TargetKind::Stripe),
+            backing_files: vec!["/a.img".into(), "/b.img".into()],
+            chunk_size: Some(8192),
+            direct_io: Some(true),
+            size: Some(2 << 20),
+            ..l
+        };
+        assert_eq!(
+            format_listing(&stripe).lines().nth(3),
+            Some("\ttarget stripe backing_files /a.img /b.img chunk_size 8192 size 2097152 direct_io 1")
+        );
+        let faulty = Listing {
+            target: Some(TargetKind::FaultInject),
+            backing_files: Vec::new(),
+            chunk_size: None,
+            ..stripe
+        };
+        assert_eq!(
+            format_listing(&faulty).lines().nth(3),
+            Some("\ttarget fault_inject size 2097152")
+        );
     }
 
     #[test]

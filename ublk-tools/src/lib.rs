@@ -97,11 +97,12 @@ fn daemon_entry(prog: &str) -> Option<ExitCode> {
 }
 
 /// `ublk-loop`'s and `ublk-null`'s `main`: `ublk add -t TARGET` with the
-/// target fixed, under the program's own name.
+/// target fixed, under the program's own name: `Null` is `ublk-null`, any
+/// other `ublk-loop` (stripe and fault_inject have no program of their own).
 pub fn main_fixed_target(target: cli::TargetKind) -> ExitCode {
     let prog = match target {
         cli::TargetKind::Null => "ublk-null",
-        cli::TargetKind::Loop => "ublk-loop",
+        _ => "ublk-loop",
     };
     if let Some(code) = daemon_entry(prog) {
         return code;
@@ -111,7 +112,7 @@ pub fn main_fixed_target(target: cli::TargetKind) -> ExitCode {
             "ublk-null",
             cli::NullCli::try_parse().map(cli::NullCli::into_add_args),
         ),
-        cli::TargetKind::Loop => (
+        _ => (
             "ublk-loop",
             cli::LoopCli::try_parse().map(cli::LoopCli::into_add_args),
         ),

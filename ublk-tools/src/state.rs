@@ -68,6 +68,9 @@ pub struct DeviceState {
     pub size: u64,
     /// Loop: the backing file.
     pub backing_file: Option<PathBuf>,
+    /// Stripe: the backing files.
+    #[serde(default)]
+    pub backing_files: Vec<PathBuf>,
     /// Loop: whether O_DIRECT is in use.
     pub direct_io: Option<bool>,
     /// The daemon's pid.

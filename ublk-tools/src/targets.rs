@@ -1,4 +1,4 @@
-//! The null and loop targets.
+//! The null, loop, stripe and fault_inject targets.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ublk::{FileTarget, Handled, Request, Submit, Target};
+use ublk::{FaultInject, FileTarget, Handled, Request, StripeTarget, Submit, Target};
+
+use crate::cli::TargetOptions;
 
 /// The null target: every request completes at once with its full length.
 #[derive(Debug, Default, Clone, Copy)]
@@ -260,31 +262,84 @@ pub enum AnyTarget {
     Null(NullTarget),
     /// `-t loop`.
     Loop(LoopTarget),
+    /// `-t stripe`.
+    Stripe(StripeTarget<Arc<File>>),
+    /// `-t fault_inject` without a file: faults around a null target.
+    FaultNull(FaultInject<NullTarget>),
+    /// `-t fault_inject -f FILE`: faults around a loop target.
+    FaultLoop(FaultInject<LoopTarget>),
+}
+
+/// `$call` on the target inside `$any`, whichever variant it is.
+macro_rules! each_target {
+    ($any:expr, $t:ident => $call:expr) => {
+        match $any {
+            AnyTarget::Null($t) => $call,
+            AnyTarget::Loop($t) => $call,
+            AnyTarget::Stripe($t) => $call,
+            AnyTarget::FaultNull($t) => $call,
+            AnyTarget::FaultLoop($t) => $call,
+        }
+    };
 }
 
 impl Target for AnyTarget {
     #[inline]
     fn handle(&mut self, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
-        match self {
-            Self::Null(t) => t.handle(sub, req),
-            Self::Loop(t) => t.handle(sub, req),
-        }
+        each_target!(self, t => t.handle(sub, req))
     }
 
     #[inline]
     fn complete(&mut self, sub: &mut Submit<'_, '_>, tag: u16, data: u32, res: i32) -> Handled {
-        match self {
-            Self::Null(t) => t.complete(sub, tag, data, res),
-            Self::Loop(t) => t.complete(sub, tag, data, res),
-        }
+        each_target!(self, t => t.complete(sub, tag, data, res))
     }
 
     fn fixed_files(&self) -> Vec<std::os::fd::RawFd> {
-        match self {
-            Self::Null(t) => t.fixed_files(),
-            Self::Loop(t) => t.fixed_files(),
-        }
+        each_target!(self, t => t.fixed_files())
     }
+
+    fn sqes_per_request(&self) -> usize {
+        each_target!(self, t => t.sqes_per_request())
+    }
+
+    fn before_fetch(&mut self, sub: &mut Submit<'_, '_>, q_id: u16, tag: u16) {
+        each_target!(self, t => t.before_fetch(sub, q_id, tag))
+    }
+}
+
+/// The stripe target over the opened `files`, with `--chunk_size`.
+pub fn stripe_target(
+    files: &[Arc<File>],
+    opts: &TargetOptions,
+    depth: u16,
+) -> io::Result<StripeTarget<Arc<File>>> {
+    let chunk = opts
+        .chunk_size
+        .unwrap_or(ublk::targets::stripe::DEFAULT_CHUNK_SIZE);
+    StripeTarget::new(files.to_vec(), chunk, depth)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+/// The fault_inject target around `inner` with `--delay_us`,
+/// `--error_rate`, `--error_range` and `--die_during_fetch`, for the
+/// worker of queue `q_id` (which seeds its error generator).
+pub fn fault_inject<T: Target>(
+    inner: T,
+    opts: &TargetOptions,
+    q_id: u16,
+) -> io::Result<FaultInject<T>> {
+    let mut t = FaultInject::new(inner)
+        .delay(std::time::Duration::from_micros(opts.delay_us.unwrap_or(0)))
+        .die_during_fetch(opts.die_during_fetch == Some(1));
+    if let Some(r) = opts.error_range {
+        t = t.error_range(r.start >> 9, r.len >> 9);
+    }
+    if let Some(p) = opts.error_rate {
+        t = t
+            .error_rate(p / 100.0, 0x5eed_0000 + u64::from(q_id))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    }
+    Ok(t)
 }
 
 #[cfg(test)]

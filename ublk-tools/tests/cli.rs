@@ -431,6 +431,166 @@ fn argument_checks_come_before_the_driver_check() {
 }
 
 #[test]
+fn stripe_and_fault_inject_options_are_checked() {
+    for (args, line) in [
+        (
+            &["add", "-t", "stripe"][..],
+            "ublk: the stripe target needs backing files: -f FILE [-f FILE]... or FILE...",
+        ),
+        (
+            &["add", "-t", "stripe", "--chunk_size", "3000", "a", "b"],
+            "ublk: invalid value '3000' for '--chunk_size <SIZE>': chunk size 3000 must be a power of two in 4096..=524288",
+        ),
+        (
+            &["add", "-t", "stripe", "--chunk_size", "1M", "a", "b"],
+            "ublk: invalid value '1M' for '--chunk_size <SIZE>': chunk size 1048576 must be a power of two in 4096..=524288",
+        ),
+        (
+            &["add", "-t", "stripe", "-s", "1M", "a", "b"],
+            "ublk: --size is not for the stripe target: its size is its files'",
+        ),
+        (
+            &["add", "-t", "loop", "--chunk_size", "8K", "a"],
+            "ublk: --chunk_size is an option of -t stripe",
+        ),
+        (
+            &["add", "-t", "null", "--delay_us", "10"],
+            "ublk: --delay_us is an option of -t fault_inject",
+        ),
+        (
+            &["add", "-t", "stripe", "--error_rate", "1", "a"],
+            "ublk: --error_rate is an option of -t fault_inject",
+        ),
+        (
+            &["add", "-t", "fault_inject", "a", "b"],
+            "ublk: the fault_inject target takes at most one backing file",
+        ),
+        (
+            &["add", "-t", "fault_inject", "--error_rate", "101"],
+            "ublk: invalid value '101' for '--error_rate <PERCENT>': error rate \"101\" is not a percentage in 0..=100",
+        ),
+        (
+            &["add", "-t", "fault_inject", "--error_range", "1M"],
+            "ublk: invalid value '1M' for '--error_range <START:LENGTH>': error range \"1M\" is not START:LENGTH",
+        ),
+        (
+            &["add", "-t", "fault_inject", "--error_range", "1000:4K"],
+            "ublk: invalid value '1000:4K' for '--error_range <START:LENGTH>': error range \"1000:4K\": START and LENGTH must be multiples of 512, LENGTH not 0",
+        ),
+        (
+            &["add", "-t", "fault_inject", "--die_during_fetch", "2"],
+            "ublk: invalid value '2' for '--die_during_fetch <0|1>': 2 is not in 0..=1",
+        ),
+        (
+            &["add", "-t", "fault_inject", "--foreground", "--die_during_fetch", "1"],
+            "ublk: --die_during_fetch 1 with add --foreground would leave the new device behind: use it with recover, or without --foreground",
+        ),
+        (
+            &["add", "-t", "fault_inject", "-b", "--die_during_fetch", "1"],
+            "ublk: --die_during_fetch does not work with batch I/O (-b): one command fetches every tag",
+        ),
+        (
+            &["add", "-t", "fault_inject", "--delay_us", "soon"],
+            "ublk: invalid value 'soon' for '--delay_us <US>': invalid digit found in string",
+        ),
+    ] {
+        refused(UBLK, args, 2, line);
+    }
+    // The files: missing, of different sizes, smaller than a chunk (1).
+    let s = Scratch::new("stripe");
+    let file = |name: &str, len: u64| {
+        let p = s.0.join(name);
+        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (a, b, small) = (
+        file("a.img", 1 << 20),
+        file("b.img", 2 << 20),
+        file("s.img", 8192),
+    );
+    let missing = s.0.join("missing.img");
+    let missing = missing.to_str().unwrap();
+    let refused_files = |args: &[&str], line: String| {
+        assert_eq!(
+            run_with(UBLK, args, Path::new(MISSING), &s.state()),
+            Run {
+                code: 1,
+                stdout: String::new(),
+                stderr: format!("{line}\n"),
+            },
+            "{args:?}"
+        );
+    };
+    refused_files(
+        &[
+            "add",
+            "-t",
+            "stripe",
+            "--buffered_io",
+            "-f",
+            &a,
+            "-f",
+            missing,
+        ],
+        format!("ublk: backing file {missing} does not exist"),
+    );
+    refused_files(
+        &["add", "-t", "stripe", "--buffered_io", &a, &b],
+        format!("ublk: stripe files must be the same size in whole 65536-byte chunks: {a} has 1048576, {b} has 2097152"),
+    );
+    refused_files(
+        &["add", "-t", "stripe", "--buffered_io", &small],
+        format!("ublk: stripe file {small} (8192 bytes) is smaller than one 65536-byte chunk"),
+    );
+    // Good files get as far as the (missing) driver.
+    refused_files(
+        &[
+            "add",
+            "-t",
+            "stripe",
+            "--buffered_io",
+            "--chunk_size",
+            "8K",
+            &small,
+            &small,
+        ],
+        no_driver("ublk"),
+    );
+    refused_files(
+        &[
+            "add",
+            "-t",
+            "fault_inject",
+            "--buffered_io",
+            "--error_rate",
+            "0.5",
+            &a,
+        ],
+        no_driver("ublk"),
+    );
+}
+
+#[test]
+fn add_help_documents_the_target_options() {
+    let o = Command::new(UBLK).args(["add", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    for opt in [
+        "-t, --type <TARGET>",
+        "stripe",
+        "fault_inject",
+        "Stripe and fault_inject options:",
+        "--chunk_size <SIZE>",
+        "--delay_us <US>",
+        "--die_during_fetch <0|1>",
+        "--error_rate <PERCENT>",
+        "--error_range <START:LENGTH>",
+        "-f, --file <FILE>",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from:\n{help}");
+    }
+}
+
+#[test]
 fn usage_errors_exit_2_and_failures_exit_1() {
     refused(
         UBLK,
@@ -442,7 +602,7 @@ fn usage_errors_exit_2_and_failures_exit_1() {
         UBLK,
         &["add", "-t", "raid"],
         2,
-        "ublk: invalid value 'raid' for '--type <TARGET>' [possible values: null, loop]",
+        "ublk: invalid value 'raid' for '--type <TARGET>' [possible values: null, loop, stripe, fault_inject]",
     );
     refused(
         UBLK,

@@ -107,7 +107,13 @@ impl Queue<'_> {
         self.push_own_or_log(Kind::Cmd, io, c.build());
     }
 
-    fn register(&mut self, io: IoIndex) {
+    /// Links a buffer registration ahead of the target's next `then`
+    /// entries, with room for them all in the submission queue: a chain
+    /// cut by a full ring would let them run before the registration.
+    fn register(&mut self, io: IoIndex, then: usize) {
+        if let Err(e) = self.with_submit(io, |sub| sub.make_room(then.saturating_add(1))) {
+            log::warn!("queue {}: cannot submit: {e}", self.cfg.q_id);
+        }
         let s = self.slot(io);
         let e = cmd::RegisterIoBuf::new(self.cdev_ref(), s.q_id, s.tag, io.0)
             .encoding(self.cfg.encoding)
@@ -162,12 +168,12 @@ impl Queue<'_> {
         let buf_kind = match self.cfg.mode {
             _ if !d.op.has_data() => BufKind::None,
             CopyMode::ZeroCopy => {
-                self.register(io);
+                self.register(io, target.sqes_per_request());
                 BufKind::Fixed
             }
             CopyMode::AutoBufReg { .. } => {
                 if d.flags.contains(IoFlags::NEED_REG_BUF) {
-                    self.register(io);
+                    self.register(io, target.sqes_per_request());
                 }
                 BufKind::Fixed
             }
@@ -182,6 +188,7 @@ impl Queue<'_> {
                 return self.finish(io, res);
             }
         }
+        let registered = self.states.get(io.get()).is_some_and(|t| t.registered);
         let handled = {
             // Split borrows: the ring for `Submit`, the buffers for `IoBuf`.
             let (submitter, mut sq, _) = self.ring.split();
@@ -190,7 +197,8 @@ impl Queue<'_> {
                 &submitter,
                 &mut self.target_inflight,
                 super::user_data(Kind::Target, io, 0),
-            );
+            )
+            .after_registration(registered);
             let buf = match buf_kind {
                 _ if d.flags.contains(IoFlags::SHMEM_ZC) => IoBuf::Shmem {
                     index: (d.addr >> ublk_sys::UBLK_SHMEM_ZC_IDX_OFF) as u16,

@@ -407,11 +407,20 @@ impl<'fd> Queue<'fd> {
     /// Submits FETCH_REQ for every tag. Fails if the kernel refuses any at
     /// once (so the caller never sends START_DEV to a queue that cannot serve).
     pub fn fetch_all(&mut self) -> Result<()> {
+        self.fetch_all_with(&mut NoHooks)
+    }
+
+    /// [`Queue::fetch_all`], calling [`Target::before_fetch`] of `target`
+    /// before each tag's FETCH_REQ is queued (fault injection dies there),
+    /// but not in batch mode, whose one command fetches every tag.
+    pub fn fetch_all_with<T: Target + ?Sized>(&mut self, target: &mut T) -> Result<()> {
         if self.batch.is_some() {
             return self.batch_start();
         }
         for io in 0..self.ios.len() as u16 {
             let io = IoIndex(io);
+            let s = self.slot(io);
+            self.with_submit(io, |sub| target.before_fetch(sub, s.q_id, s.tag));
             let e = self.fetch_entry(io).user_data(user_data(Kind::Cmd, io, 0));
             // SAFETY: the entry points at this queue's buffer for `io` (or at
             // nothing), which lives as long as the queue; the queue waits for
@@ -558,6 +567,16 @@ impl<'fd> Queue<'fd> {
                 self.slot(io).tag
             );
         }
+    }
+}
+
+/// The target of [`Queue::fetch_all`]: nothing to do before a fetch (it
+/// serves no request).
+struct NoHooks;
+
+impl Target for NoHooks {
+    fn handle(&mut self, _: &mut Submit<'_, '_>, _: crate::target::Request<'_>) -> Handled {
+        Handled::Done(-libc::EIO)
     }
 }
 

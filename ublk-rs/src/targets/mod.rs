@@ -2,8 +2,16 @@
 //! contract ([`crate::target`]) alone:
 //!
 //! - [`FileTarget`] ([`mod@file`]): a loop device over a file or block device,
-//!   and [`file_entry`], the SQE it serves a request with.
+//!   and [`file_entry`], the SQE it serves a request with;
+//! - [`StripeTarget`] ([`mod@stripe`]): RAID-0 over several files, in
+//!   chunks;
+//! - [`FaultInject`] ([`mod@fault_inject`]): wraps another target (or none)
+//!   to delay requests, fail some of them, or die while fetching.
 
+pub mod fault_inject;
 pub mod file;
+pub mod stripe;
 
+pub use fault_inject::FaultInject;
 pub use file::{file_entry, FileTarget};
+pub use stripe::StripeTarget;
