@@ -52,6 +52,7 @@ mod pod;
 pub mod queue;
 pub mod size;
 pub mod target;
+pub mod targets;
 
 pub use ctrl::{Control, DevInfo, DevRef, DevState};
 pub use device::{

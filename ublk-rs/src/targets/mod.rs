@@ -1,0 +1,3 @@
+//! Ready-made targets.
+
+pub mod nbd;
