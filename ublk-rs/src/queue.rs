@@ -132,6 +132,9 @@ pub struct Submit<'r, 's> {
     target_inflight: &'r mut usize,
     /// The worker io index of the request being handled.
     current: u16,
+    /// Requests a target completed with [`Submit::complete`]: (tag,
+    /// result), finished by the queue when the target returns.
+    completed: &'r mut Vec<(u16, i32)>,
 }
 
 impl std::fmt::Debug for Submit<'_, '_> {
@@ -157,6 +160,17 @@ impl Submit<'_, '_> {
         unsafe { self.push_kind(KIND_TARGET, self.current, data, entry) }?;
         *self.target_inflight += 1;
         Ok(())
+    }
+
+    /// Completes request `tag` of this queue with `res` once the target's
+    /// call returns — for a target whose CQEs do not map one-to-one onto
+    /// requests (a socket's receive carries whichever reply comes next).
+    /// Only for requests the target answered with [`Handled::Queued`] and
+    /// has not completed yet; in a worker serving a whole queue.
+    #[inline]
+    pub fn complete(&mut self, tag: u16, res: i32) {
+        // Capacity is the depth, reserved up front: no allocation here.
+        self.completed.push((tag, res));
     }
 
     /// # Safety
@@ -289,6 +303,8 @@ pub struct Queue<'fd> {
     target_inflight: usize,
     /// A command came back with `UBLK_IO_RES_ABORT` (STOP_DEV, QUIESCE_DEV).
     aborted: bool,
+    /// Completions a target asked for with `Submit::complete`.
+    completed: Vec<(u16, i32)>,
     stats: QueueStats,
 }
 
@@ -452,6 +468,7 @@ impl<'fd> Queue<'fd> {
             cmd_inflight: 0,
             target_inflight: 0,
             aborted: false,
+            completed: Vec::with_capacity(usize::from(cfg.depth)),
             stats: QueueStats::default(),
         })
     }
@@ -799,6 +816,7 @@ impl<'fd> Queue<'fd> {
                 if let Handled::Done(r) = handled {
                     self.finish(tag, r);
                 }
+                self.finish_completed();
             }
             KIND_FETCH => self.on_fetch_cqe(target, res, flags),
             KIND_COMMIT => self.on_commit_cqe(data, res),
@@ -826,8 +844,32 @@ impl<'fd> Queue<'fd> {
             submitter: &submitter,
             target_inflight: &mut self.target_inflight,
             current: 0,
+            completed: &mut self.completed,
         };
         f(&mut sub)
+    }
+
+    /// Finishes what the target completed with `Submit::complete`. Its
+    /// tags are the kernel's; in a worker serving a whole queue they are
+    /// the io indexes.
+    fn finish_completed(&mut self) {
+        let mut done = std::mem::take(&mut self.completed);
+        for &(tag, res) in &done {
+            let io = if self.slot(tag).tag == tag {
+                Some(tag)
+            } else {
+                self.ios.iter().position(|s| s.tag == tag).map(|i| i as u16)
+            };
+            match io {
+                Some(io) => self.finish(io, res),
+                None => log::error!(
+                    "queue {}: target completed unknown tag {tag}",
+                    self.cfg.q_id
+                ),
+            }
+        }
+        done.clear();
+        self.completed = done;
     }
 
     /// Queues one of our own commands, counting it.
@@ -938,6 +980,7 @@ impl<'fd> Queue<'fd> {
                 submitter: &submitter,
                 target_inflight: &mut self.target_inflight,
                 current: tag,
+                completed: &mut self.completed,
             };
             let buf = match buf_kind {
                 _ if d.flags.contains(IoFlags::SHMEM_ZC) => IoBuf::Shmem {
@@ -969,6 +1012,7 @@ impl<'fd> Queue<'fd> {
         if let Handled::Done(res) = handled {
             self.finish(tag, res);
         }
+        self.finish_completed();
     }
 
     /// pread (`to_server`) or pwrite the request's data through the char device.

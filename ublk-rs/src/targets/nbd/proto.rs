@@ -11,7 +11,7 @@ pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle negotiation follows; also the prefix of each option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// The oldstyle handshake's second magic (not supported).
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// The magic of every option reply.
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// The magic of a transmission request.
