@@ -25,8 +25,17 @@ pub const VM_PACKAGES: &[&str] = &[
     "debian-archive-keyring",
 ];
 
-/// Additional packages needed by the full test run (`cargo xtask test`).
-pub const TEST_PACKAGES: &[&str] = &["cpio", "fio", "libclang-dev", "xfsprogs"];
+/// Additional packages needed by the full test run (`cargo xtask test`):
+/// `nbdkit` and `qemu-utils` (`qemu-nbd`, `qemu-img`) are the NBD servers
+/// of the nbd target's tests, which run them in the guest.
+pub const TEST_PACKAGES: &[&str] = &[
+    "cpio",
+    "fio",
+    "libclang-dev",
+    "xfsprogs",
+    "nbdkit",
+    "qemu-utils",
+];
 
 /// The installed version of `pkg`, according to dpkg.
 fn installed_version(pkg: &str) -> Option<String> {
