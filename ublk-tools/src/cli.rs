@@ -223,7 +223,7 @@ pub struct BackingArgs {
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
     /// Loop backing file (kublk style, positional); nbd: the server's URI
-    /// (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH).
+    /// (`nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`).
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
 }
