@@ -137,31 +137,35 @@ fn add_nbd(target: &str, opts: &[&str]) -> u32 {
     first_id(&ok(&args))
 }
 
+/// Every copy mode with 2 queues (nbdkit allows several connections),
+/// and the default mode with one.
 #[test]
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
-fn nbdkit_memory_fio_verify_every_copy_mode_one_and_two_queues() {
+fn nbdkit_memory_fio_verify_every_copy_mode() {
     if !have("nbdkit", "nbdkit_memory_fio_verify") {
         return;
     }
     let _cleanup = Cleanup;
     let sock = scratch().join("nbdkit.sock");
     let _server = nbdkit_memory(&sock, "256M");
-    for mode in copy_modes() {
-        for queues in ["1", "2"] {
-            let mut opts = vec!["--quiet", "-q", queues];
-            opts.extend_from_slice(mode);
-            let id = add_nbd(&uri("", &sock), &opts);
-            let j = json(id);
-            assert_eq!(
-                j["nr_hw_queues"].as_u64(),
-                Some(queues.parse().unwrap()),
-                "nbdkit allows multi-conn: {j}"
-            );
-            assert_eq!(j["nbd"]["state"], "connected", "{j}");
-            println!("fio verify on nbdkit memory with {mode:?}, {queues} queue(s)");
-            fio_verify(&format!("/dev/ublkb{id}"), "8M");
-            ok(&["del", "-n", &id.to_string()]);
-        }
+    let runs = copy_modes()
+        .into_iter()
+        .map(|m| (m, "2"))
+        .chain([(&[][..], "1")]);
+    for (mode, queues) in runs {
+        let mut opts = vec!["-q", queues];
+        opts.extend_from_slice(mode);
+        let id = add_nbd(&uri("", &sock), &opts);
+        let j = json(id);
+        assert_eq!(
+            j["nr_hw_queues"].as_u64(),
+            Some(queues.parse().unwrap()),
+            "nbdkit allows multi-conn: {j}"
+        );
+        assert_eq!(j["nbd"]["state"], "connected", "{j}");
+        println!("fio verify on nbdkit memory with {mode:?}, {queues} queue(s)");
+        fio_verify(&format!("/dev/ublkb{id}"), "4M");
+        ok(&["del", "-n", &id.to_string()]);
     }
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
 }
@@ -194,8 +198,23 @@ fn qemu_nbd_raw_and_qcow2_fio_verify_and_xfs() {
         ));
         let sock = scratch().join(format!("qemu-{format}.sock"));
         let _server = qemu_nbd(&sock, &img, format);
-        for mode in copy_modes() {
-            for queues in ["1", "2"] {
+        // raw: every copy mode, one queue, and two; qcow2: the default
+        // and zero copy, two queues.
+        let modes = copy_modes();
+        let runs: Vec<(&[&str], &str)> = match format {
+            "raw" => modes
+                .iter()
+                .map(|m| (*m, "1"))
+                .chain([(&[][..], "2")])
+                .collect(),
+            _ => modes
+                .iter()
+                .filter(|m| m.is_empty() || **m == ["-z"])
+                .map(|m| (*m, "2"))
+                .collect(),
+        };
+        for (mode, queues) in runs {
+            {
                 let mut args = vec!["add", "-t", "nbd", "-q", queues];
                 args.extend_from_slice(mode);
                 let target = uri("disk", &sock);
@@ -211,11 +230,11 @@ fn qemu_nbd_raw_and_qcow2_fio_verify_and_xfs() {
                     "{err}"
                 );
                 println!("fio verify on qemu-nbd {format} with {mode:?}, {queues} queue(s) ({got} served)");
-                fio_verify(&format!("/dev/ublkb{id}"), "8M");
+                fio_verify(&format!("/dev/ublkb{id}"), "4M");
                 ok(&["del", "-n", &id.to_string()]);
             }
         }
-        let id = add_nbd(&uri("disk", &sock), &["--quiet"]);
+        let id = add_nbd(&uri("disk", &sock), &[]);
         xfs_round_trip(&format!("/dev/ublkb{id}"), "/tmp/mnt-nbd");
         ok(&["del", "-n", &id.to_string()]);
     }
@@ -254,18 +273,18 @@ fn tcp_transport_and_list() {
         sock: pidfile.clone(),
     };
     wait_until("nbdkit to listen", 60, || pidfile.exists());
-    let id = add_nbd(
-        "",
-        &[
-            "--quiet",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--export_name",
-            "x",
-        ],
-    );
+    let port_s = port.to_string();
+    let id = first_id(&ok(&[
+        "add",
+        "-t",
+        "nbd",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port_s,
+        "--export_name",
+        "x",
+    ]));
     let list = ok(&["list", "-n", &id.to_string()]);
     assert!(
         list.contains(&format!("\ttarget nbd server nbd://127.0.0.1:{port}/x size 67108864 state connected disconnects 0 reconnects 0")),
@@ -298,7 +317,7 @@ fn server_killed_and_restarted_under_fio_with_recovery() {
     let mut server = qemu_nbd(&sock, &img, "raw");
     let id = add_nbd(
         &uri("disk", &sock),
-        &["--quiet", "-r", "1", "--reconnect_timeout", "120"],
+        &["-r", "1", "--reconnect_timeout", "120"],
     );
     let dev = format!("/dev/ublkb{id}");
     let mut fio = spawn_sh(&fio_verify_cmd(
@@ -343,7 +362,7 @@ fn server_killed_without_recovery_fails_io_and_deletes() {
     let _cleanup = Cleanup;
     let sock = scratch().join("norecovery.sock");
     let mut server = nbdkit_memory(&sock, "64M");
-    let id = add_nbd(&uri("", &sock), &["--quiet"]);
+    let id = add_nbd(&uri("", &sock), &[]);
     let dev = format!("/dev/ublkb{id}");
     sh(&format!(
         "dd if=/dev/urandom of={dev} bs=64k count=16 oflag=direct status=none"
@@ -485,7 +504,7 @@ fn a_malformed_reply_fails_the_request_not_the_daemon() {
             let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         }
     });
-    let id = add_nbd(&uri("", &sock), &["--quiet", "--no_auto_part_scan"]);
+    let id = add_nbd(&uri("", &sock), &["--no_auto_part_scan"]);
     let o = sh_out(&format!(
         "dd if=/dev/ublkb{id} of=/dev/null bs=4k count=1 iflag=direct status=none"
     ));

@@ -353,7 +353,12 @@ pub enum HandshakeError {
 
 impl From<io::Error> for HandshakeError {
     fn from(e: io::Error) -> Self {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+        ) {
             return Self::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the server closed the connection during the handshake",
