@@ -52,7 +52,8 @@
 //! `unsafe` lives in a few small modules: `pod` (byte views of UAPI
 //! structs), [`mem`] (mmaps), [`ctrl`] and [`queue`] (pushing SQEs that
 //! point at buffers), [`target`] (`Submit::push`, whose contract is the
-//! ring's) and [`targets::file`] (pushing the request buffer's SQE).
+//! ring's), [`targets::file`] (pushing the request buffer's SQE) and
+//! [`targets::nbd`] (pushing socket SQEs into request buffers).
 //! Everything else is safe code.
 #![deny(unsafe_code, missing_docs, clippy::undocumented_unsafe_blocks)]
 

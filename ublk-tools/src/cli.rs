@@ -90,6 +90,8 @@ pub enum TargetKind {
     Null,
     /// Forwards requests to a file or block device.
     Loop,
+    /// Forwards requests to an NBD server's export.
+    Nbd,
 }
 
 /// Options of `add` and `recover`: the target, the device options, and the
@@ -107,6 +109,10 @@ pub struct AddArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub backing: BackingArgs,
+    /// The nbd target's server.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub nbd: crate::nbd::NbdArgs,
 }
 
 /// The device options `add`, `recover`, `ublk-loop` and `ublk-null` share.
@@ -247,7 +253,8 @@ pub struct BackingArgs {
     /// Loop backing file (ublksrv style).
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
-    /// Loop backing file (kublk style, positional).
+    /// Loop backing file (kublk style, positional); nbd: the server's URI
+    /// (`nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`).
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
 }
@@ -584,6 +591,7 @@ impl NullCli {
             target: Some(TargetKind::Null),
             dev: self.dev,
             backing: BackingArgs::default(),
+            nbd: Default::default(),
         }
     }
 }
@@ -595,6 +603,7 @@ impl LoopCli {
             target: Some(TargetKind::Loop),
             dev: self.dev,
             backing: self.backing,
+            nbd: Default::default(),
         }
     }
 }

@@ -272,7 +272,7 @@ fn queue_limits(
 
 fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
     a.target
-        .ok_or_else(|| usage("missing target type: use -t null or -t loop"))
+        .ok_or_else(|| usage("missing target type: use -t null, -t loop or -t nbd"))
 }
 
 /// The checks of `a` that need neither the driver nor the backing file
@@ -280,6 +280,23 @@ fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
 /// combinations, everything [`DeviceBuilder::validate`] checks.
 fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
+    if kind == TargetKind::Nbd {
+        crate::nbd::addr(a)?;
+        if a.dev.size.is_some() {
+            return Err(usage(
+                "--size: the NBD export decides the size of an nbd device",
+            ));
+        }
+        if a.dev.per_io_tasks || a.dev.nthreads.is_some() {
+            return Err(usage(
+                "--nthreads/--per_io_tasks: an nbd device serves each queue over its own connection from one thread",
+            ));
+        }
+    } else if a.nbd.any() {
+        return Err(usage(
+            "--host, --port, --unix, --export_name and --reconnect_timeout are options of the nbd target (-t nbd)",
+        ));
+    }
     match (kind, a.backing_file()?) {
         (TargetKind::Loop, None) => {
             return Err(usage(
@@ -370,6 +387,9 @@ fn backing_options(a: &AddArgs) -> BackingOptions {
 struct Report {
     id: Option<u32>,
     error: Option<String>,
+    /// Something the user should know (nbd: one queue where more were asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
@@ -430,7 +450,12 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
         .context("reading the daemon's report")?;
     let report: Option<Report> = serde_json::from_str(line.trim()).ok();
     match report {
-        Some(Report { id: Some(id), .. }) => {
+        Some(Report {
+            id: Some(id), note, ..
+        }) => {
+            if let Some(note) = note {
+                eprintln!("ublk: note: {note}");
+            }
             // The device is made and served: a closed stdout only ends
             // this report (quietly, status 0).
             if !a.dev.quiet {
@@ -466,7 +491,8 @@ fn daemon(d: &DaemonArgs) -> anyhow::Result<ExitCode> {
                 "{}",
                 serde_json::to_string(&Report {
                     id: None,
-                    error: Some(msg.clone())
+                    error: Some(msg.clone()),
+                    note: None,
                 })?
             );
             log::error!("{msg}");
@@ -484,14 +510,32 @@ fn serve(
 ) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
     let ctrl = Arc::new(open_control()?);
+    // Nbd: the server is asked first, so a bad one leaves no device; it
+    // may allow only one queue.
+    let nbd = match kind {
+        TargetKind::Nbd => Some(Arc::new(crate::nbd::NbdServe::open(a)?)),
+        _ => None,
+    };
+    let nbd_args;
+    let a = match &nbd {
+        Some(n) if n.queues != a.dev.queues => {
+            log::warn!("{}", n.note.as_deref().unwrap_or_default());
+            let mut one = a.clone();
+            one.dev.queues = n.queues;
+            nbd_args = one;
+            &nbd_args
+        }
+        _ => a,
+    };
     let (builder, mode) = builder(a, ctrl.features())?;
     let backing = match (kind, a.backing_file()?) {
         (TargetKind::Loop, Some(f)) => Some(Backing::open(f, backing_options(a))?),
         _ => None,
     };
-    let size = match &backing {
-        Some(b) => b.size,
-        None => a.dev.size.unwrap_or(NULL_DEFAULT_SIZE),
+    let size = match (&backing, &nbd) {
+        (Some(b), _) => b.size,
+        (None, Some(n)) => n.info.size,
+        (None, None) => a.dev.size.unwrap_or(NULL_DEFAULT_SIZE),
     };
     let lbs = backing
         .as_ref()
@@ -540,6 +584,15 @@ fn serve(
         params.discard = backing
             .as_ref()
             .and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
+        if let Some(n) = &nbd {
+            // The export decides sizes, caching and what it takes.
+            params = ublk::targets::nbd::params_for(&n.info, dev.info().max_io_buf_bytes());
+            if a.dev.read_only {
+                if let Some(b) = params.basic.as_mut() {
+                    b.attrs |= Attrs::READ_ONLY;
+                }
+            }
+        }
         dev.set_params(&params)?;
     }
     let id = dev.id();
@@ -589,15 +642,20 @@ fn serve(
             queue_tids: queues.iter().map(|q| q.tid).collect(),
             queue_affinity: queues.iter().map(|q| q.affinity.clone()).collect(),
             options: a.clone(),
+            nbd: nbd.as_ref().map(|n| n.state()),
         };
         if let Err(e) = st.save() {
             log::warn!("{e:#}");
+        }
+        if let Some(n) = &nbd {
+            n.watch(st.clone());
         }
         match report.take() {
             Some(out) => {
                 let line = serde_json::to_string(&Report {
                     id: Some(info.id()),
                     error: None,
+                    note: nbd.as_ref().and_then(|n| n.note.clone()),
                 })
                 .unwrap_or_default();
                 let _ = writeln!(out, "{line}");
@@ -621,15 +679,17 @@ fn serve(
     };
     dev.set_queue_affinity(a.dev.queue_affinity.into());
     dev.set_fixed_cdev(!a.dev.no_ublk_fixed_fd);
+    let depth = dev.info().queue_depth();
     let start = if recover {
         StartKind::Recover
     } else {
         StartKind::Start
     };
     let make_target = |_| {
-        Ok(match &shared {
-            Some(file) => AnyTarget::Loop(loop_target(Arc::clone(file), read_only)),
-            None => AnyTarget::Null(NullTarget),
+        Ok(match (&shared, &nbd) {
+            (_, Some(n)) => AnyTarget::Nbd(n.target(depth)?),
+            (Some(file), None) => AnyTarget::Loop(loop_target(Arc::clone(file), read_only)),
+            (None, None) => AnyTarget::Null(NullTarget),
         })
     };
     let result = dev.run(start, make_target, on_live);
@@ -890,6 +950,9 @@ pub struct Listing {
     pub direct_io: Option<bool>,
     /// Target size in bytes.
     pub size: Option<u64>,
+    /// Nbd: the server and the connection's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::nbd::NbdState>,
 }
 
 /// One queue as `list` shows it.
@@ -932,6 +995,7 @@ fn listing(ctrl: &Control, id: u32) -> anyhow::Result<Listing> {
         backing_file: st.as_ref().and_then(|s| s.backing_file.clone()),
         direct_io: st.as_ref().and_then(|s| s.direct_io),
         size: st.as_ref().map(|s| s.size),
+        nbd: st.as_ref().and_then(|s| s.nbd.clone()),
     })
 }
 
@@ -951,6 +1015,18 @@ pub fn format_listing(l: &Listing) -> String {
         ));
     }
     match (l.target, &l.backing_file) {
+        (Some(TargetKind::Nbd), _) if l.nbd.is_some() => {
+            if let Some(n) = &l.nbd {
+                s.push_str(&format!(
+                    "\ttarget nbd server {} size {} state {} disconnects {} reconnects {}\n",
+                    n.server,
+                    l.size.unwrap_or(0),
+                    n.state,
+                    n.disconnects,
+                    n.reconnects
+                ));
+            }
+        }
         (Some(TargetKind::Loop), Some(f)) => s.push_str(&format!(
             "\ttarget loop backing_file {} size {} direct_io {}\n",
             f.display(),
@@ -1026,6 +1102,7 @@ mod tests {
             backing_file: None,
             direct_io: None,
             size: Some(250 << 30),
+            nbd: None,
         };
         let text = format_listing(&l);
         let lines: Vec<&str> = text.lines().collect();

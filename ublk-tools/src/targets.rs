@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use ublk::targets::nbd::NbdTarget;
 use ublk::{FileTarget, Handled, Request, Submit, Target};
 
 /// The null target: every request completes at once with its full length.
@@ -260,6 +261,8 @@ pub enum AnyTarget {
     Null(NullTarget),
     /// `-t loop`.
     Loop(LoopTarget),
+    /// `-t nbd`.
+    Nbd(NbdTarget),
 }
 
 impl Target for AnyTarget {
@@ -268,6 +271,7 @@ impl Target for AnyTarget {
         match self {
             Self::Null(t) => t.handle(sub, req),
             Self::Loop(t) => t.handle(sub, req),
+            Self::Nbd(t) => t.handle(sub, req),
         }
     }
 
@@ -276,6 +280,7 @@ impl Target for AnyTarget {
         match self {
             Self::Null(t) => t.complete(sub, tag, data, res),
             Self::Loop(t) => t.complete(sub, tag, data, res),
+            Self::Nbd(t) => t.complete(sub, tag, data, res),
         }
     }
 
@@ -283,6 +288,7 @@ impl Target for AnyTarget {
         match self {
             Self::Null(t) => t.fixed_files(),
             Self::Loop(t) => t.fixed_files(),
+            Self::Nbd(t) => t.fixed_files(),
         }
     }
 }
