@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ublk::targets::nbd::proto::{self, flags, Cmd, ReplyReader, RequestHeader, Want};
-use ublk::targets::nbd::{connect, ConnError, ConnectOptions, NbdAddr};
+use ublk::targets::nbd::{connect, request_header, Conn, ConnError, ConnectOptions, NbdAddr};
+use ublk::{IoDesc, IoFlags, Op};
 
 /// A server process, killed on drop.
 struct Server(Child, PathBuf);
@@ -56,6 +57,48 @@ fn serve(tool: &str, args: &[&str], sock: &Path) -> Option<Server> {
 
 fn unix_uri(export: &str, sock: &Path) -> NbdAddr {
     NbdAddr::parse_uri(&format!("nbd+unix:///{export}?socket={}", sock.display())).unwrap()
+}
+
+/// Sends `reqs` (a write's data is `data`) on `conn` and reads every reply
+/// with the reader the target uses: the results and the read data, by
+/// request.
+fn exchange(conn: &mut Conn, reqs: &[RequestHeader], data: &[u8]) -> (Vec<i32>, Vec<Vec<u8>>) {
+    let n = reqs.len() as u16;
+    let mut reader = ReplyReader::new(n, conn.structured);
+    for (i, r) in reqs.iter().enumerate() {
+        assert!(reader.expect(i as u16, r));
+        conn.stream.write_all(&r.encode()).unwrap();
+        if r.cmd == Cmd::Write {
+            conn.stream.write_all(&data[..r.len as usize]).unwrap();
+        }
+    }
+    let mut bufs: Vec<Vec<u8>> = reqs.iter().map(|r| vec![0u8; r.len as usize]).collect();
+    let mut results = vec![None; reqs.len()];
+    while reader.busy() {
+        let got = match reader.want() {
+            Want::Header | Want::Discard(_) => conn.stream.read(reader.header_buf()).unwrap(),
+            Want::Data { tag, at, len } => {
+                let b = &mut bufs[usize::from(tag)][at as usize..(at + len) as usize];
+                conn.stream.read(b).unwrap()
+            }
+            Want::Zero { tag, at, len } => {
+                bufs[usize::from(tag)][at as usize..(at + len) as usize].fill(0);
+                if let Some(rep) = reader.advance(0).unwrap() {
+                    results[usize::from(rep.tag)] = Some(rep.result);
+                }
+                continue;
+            }
+        };
+        assert!(got > 0, "the server closed the connection");
+        if let Some(rep) = reader.advance(got).unwrap() {
+            results[usize::from(rep.tag)] = Some(rep.result);
+        }
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.expect("every request has a reply"))
+        .collect();
+    (results, bufs)
 }
 
 #[test]
@@ -114,34 +157,8 @@ fn nbdkit_memory_handshake_and_io() {
             len: 512,
         },
     ];
-    let mut reader = ReplyReader::new(4, false);
-    for (i, r) in reqs.iter().enumerate() {
-        assert!(reader.expect(i as u16, r));
-        conn.stream.write_all(&r.encode()).unwrap();
-        if r.cmd == Cmd::Write {
-            conn.stream.write_all(&data).unwrap();
-        }
-    }
-    let mut bufs = vec![vec![0u8; 4096]; 4];
-    let mut results = [None; 4];
-    while reader.busy() {
-        let n = match reader.want() {
-            Want::Header | Want::Discard(_) => conn.stream.read(reader.header_buf()).unwrap(),
-            Want::Data { tag, at, len } => {
-                let b = &mut bufs[usize::from(tag)][at as usize..(at + len) as usize];
-                conn.stream.read(b).unwrap()
-            }
-            Want::Zero { .. } => unreachable!("no structured replies"),
-        };
-        assert!(n > 0, "the server closed the connection");
-        if let Some(rep) = reader.advance(n).unwrap() {
-            results[usize::from(rep.tag)] = Some(rep.result);
-        }
-    }
-    assert_eq!(
-        results,
-        [Some(4096), Some(0), Some(4096), Some(-libc::EINVAL)]
-    );
+    let (results, bufs) = exchange(&mut conn, &reqs, &data);
+    assert_eq!(results, [4096, 0, 4096, -libc::EINVAL]);
     assert_eq!(bufs[2], data);
 }
 
@@ -231,4 +248,85 @@ fn servers_that_break_the_handshake() {
             _ => assert!(e.contains("protocol error") && e.contains("magic"), "{e}"),
         }
     }
+}
+
+/// What the target sends for the kernel's requests, as the kernel shapes
+/// them: a write, then flushes whose descriptors carry a sector (the block
+/// layer's flush request keeps a stale one, or -1) — to qemu-nbd, which
+/// fails a flush range past the export with EINVAL (`mkfs.xfs`: "Flushing
+/// the data device failed, err=22"), and to nbdkit, which fails any flush
+/// with a range.
+#[test]
+fn flushes_as_the_kernel_sends_them_reach_qemu_nbd_and_nbdkit() {
+    let img = std::env::temp_dir().join(format!("ublk-nbd-flush-{}.img", std::process::id()));
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let qemu_sock = sock_path("flush-qemu");
+    let kit_sock = sock_path("flush-nbdkit");
+    let servers = [
+        (
+            "qemu-nbd",
+            vec![
+                "-k",
+                qemu_sock.to_str().unwrap(),
+                "-x",
+                "disk",
+                "-f",
+                "raw",
+                // As the guest tests serve it.
+                "--cache=writeback",
+                "--persistent",
+                img.to_str().unwrap(),
+            ],
+            &qemu_sock,
+            "disk",
+        ),
+        (
+            "nbdkit",
+            vec![
+                "-f",
+                "--exit-with-parent",
+                "-U",
+                kit_sock.to_str().unwrap(),
+                "memory",
+                "1M",
+            ],
+            &kit_sock,
+            "",
+        ),
+    ];
+    let desc = |op, flags, start_sector, nr_sectors| IoDesc {
+        op,
+        flags,
+        start_sector,
+        nr_sectors,
+        addr: 0,
+    };
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+    for (tool, args, sock, export) in servers {
+        let Some(_server) = serve(tool, &args, sock) else {
+            continue;
+        };
+        let mut conn = connect(&unix_uri(export, sock), ConnectOptions::default()).unwrap();
+        assert!(
+            conn.info.has(flags::SEND_FLUSH),
+            "{tool}: {:#x}",
+            conn.info.flags
+        );
+        let descs = [
+            desc(Op::Write, IoFlags::FUA, 16, 8),
+            desc(Op::Flush, IoFlags::empty(), 0, 0),
+            desc(Op::Flush, IoFlags::empty(), 16, 0),
+            desc(Op::Flush, IoFlags::empty(), u64::MAX >> 9, 0),
+            desc(Op::Read, IoFlags::empty(), 16, 8),
+        ];
+        let reqs: Vec<RequestHeader> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| request_header(&conn.info, d, i as u64).unwrap())
+            .collect();
+        let (results, bufs) = exchange(&mut conn, &reqs, &data);
+        assert_eq!(results, [4096, 0, 0, 0, 4096], "{tool}");
+        assert_eq!(bufs[4], data, "{tool}");
+    }
+    let _ = std::fs::remove_file(&img);
 }

@@ -118,6 +118,63 @@ pub fn params_for(info: &ExportInfo, max_io_bytes: u32) -> Params {
     }
 }
 
+/// The NBD request for ublk request `d` of an export with `info`, carrying
+/// `handle`; or the result to complete it with at once: `0` for a flush an
+/// export without `NBD_FLAG_SEND_FLUSH` has no use for (its writes are
+/// durable as they complete, and no volatile cache was advertised), else a
+/// positive errno (`EROFS`, `EOPNOTSUPP`).
+///
+/// A flush carries offset 0 and length 0, as the NBD protocol requires
+/// (nbdkit refuses anything else with `EINVAL`, qemu-nbd a range past the
+/// export): the kernel's flush request has no range, and its descriptor's
+/// sector is whatever the block layer left in it, not a position.
+pub fn request_header(
+    info: &ExportInfo,
+    d: &crate::target::IoDesc,
+    handle: u64,
+) -> Result<RequestHeader, i32> {
+    let ro = info.has(flags::READ_ONLY);
+    let (cmd, cmd_flags) = match d.op {
+        Op::Read => (Cmd::Read, 0),
+        Op::Write | Op::Discard | Op::WriteZeroes if ro => return Err(libc::EROFS),
+        Op::Write => (
+            Cmd::Write,
+            if d.flags.contains(IoFlags::FUA) && info.has(flags::SEND_FUA) {
+                proto::CMD_FLAG_FUA
+            } else {
+                0
+            },
+        ),
+        Op::Flush if info.has(flags::SEND_FLUSH) => {
+            return Ok(RequestHeader {
+                flags: 0,
+                cmd: Cmd::Flush,
+                handle,
+                offset: 0,
+                len: 0,
+            })
+        }
+        Op::Flush => return Err(0),
+        Op::Discard if info.has(flags::SEND_TRIM) => (Cmd::Trim, 0),
+        Op::WriteZeroes if info.has(flags::SEND_WRITE_ZEROES) => (
+            Cmd::WriteZeroes,
+            if d.flags.contains(IoFlags::NOUNMAP) {
+                proto::CMD_FLAG_NO_HOLE
+            } else {
+                0
+            },
+        ),
+        _ => return Err(libc::EOPNOTSUPP),
+    };
+    Ok(RequestHeader {
+        flags: cmd_flags,
+        cmd,
+        handle,
+        offset: d.offset(),
+        len: d.len() as u32,
+    })
+}
+
 /// Where a request's data is, kept from `handle` until it completes.
 #[derive(Debug, Clone, Copy, Default)]
 enum Buf {
@@ -216,37 +273,6 @@ impl NbdTarget {
 
     fn fd(&self) -> types::Fd {
         types::Fd(self.stream.as_raw_fd())
-    }
-
-    /// The NBD command for a request, or the errno to fail it with.
-    fn command(&self, op: Op, f: IoFlags) -> Result<(Cmd, u16), i32> {
-        let ro = self.info.has(flags::READ_ONLY);
-        Ok(match op {
-            Op::Read => (Cmd::Read, 0),
-            Op::Write | Op::Discard | Op::WriteZeroes if ro => return Err(libc::EROFS),
-            Op::Write => (
-                Cmd::Write,
-                if f.contains(IoFlags::FUA) && self.info.has(flags::SEND_FUA) {
-                    proto::CMD_FLAG_FUA
-                } else {
-                    0
-                },
-            ),
-            Op::Flush if self.info.has(flags::SEND_FLUSH) => (Cmd::Flush, 0),
-            // No flush command: the server's writes are durable as they
-            // complete (and no volatile cache was advertised).
-            Op::Flush => return Err(0),
-            Op::Discard if self.info.has(flags::SEND_TRIM) => (Cmd::Trim, 0),
-            Op::WriteZeroes if self.info.has(flags::SEND_WRITE_ZEROES) => (
-                Cmd::WriteZeroes,
-                if f.contains(IoFlags::NOUNMAP) {
-                    proto::CMD_FLAG_NO_HOLE
-                } else {
-                    0
-                },
-            ),
-            _ => return Err(libc::EOPNOTSUPP),
-        })
     }
 
     /// Queues an SQE on the socket.
@@ -574,10 +600,11 @@ impl Target for NbdTarget {
         if self.dead {
             return Handled::Done(-libc::EIO);
         }
-        let (cmd, cmd_flags) = match self.command(d.op, d.flags) {
-            Ok(c) => c,
+        let hdr = match request_header(&self.info, &d, u64::from(req.tag)) {
+            Ok(h) => h,
             Err(e) => return Handled::Done(-e),
         };
+        let cmd = hdr.cmd;
         let buf = match (cmd, req.buf) {
             (Cmd::Read | Cmd::Write, IoBuf::Mem(b)) => Buf::Mem(b.as_mut_ptr()),
             (Cmd::Read | Cmd::Write, IoBuf::Fixed(i)) => Buf::Fixed(i),
@@ -590,13 +617,6 @@ impl Target for NbdTarget {
         if slot.active {
             return Handled::Done(-libc::EIO);
         }
-        let hdr = RequestHeader {
-            flags: cmd_flags,
-            cmd,
-            handle: u64::from(req.tag),
-            offset: d.offset(),
-            len: d.len() as u32,
-        };
         *slot = Slot {
             active: true,
             hdr,
@@ -635,5 +655,88 @@ impl Drop for NbdTarget {
         if !self.lost && !self.reader.busy() {
             conn::disconnect(&mut self.stream);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::IoDesc;
+
+    fn desc(op: Op, f: IoFlags, start_sector: u64, nr_sectors: u32) -> IoDesc {
+        IoDesc {
+            op,
+            flags: f,
+            start_sector,
+            nr_sectors,
+            addr: 0,
+        }
+    }
+
+    fn export(f: u16) -> ExportInfo {
+        ExportInfo {
+            size: 1 << 20,
+            flags: flags::HAS_FLAGS | f,
+            block_size: None,
+        }
+    }
+
+    #[test]
+    fn a_flush_has_no_range_whatever_the_descriptor_says() {
+        let info = export(flags::SEND_FLUSH);
+        // The block layer's flush request keeps a stale (or -1) sector.
+        for (sector, n) in [(0, 0), (4096, 0), (u64::MAX >> 9, 0), (8, 8)] {
+            let h = request_header(&info, &desc(Op::Flush, IoFlags::empty(), sector, n), 7);
+            assert_eq!(
+                h,
+                Ok(RequestHeader {
+                    flags: 0,
+                    cmd: Cmd::Flush,
+                    handle: 7,
+                    offset: 0,
+                    len: 0,
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn commands_follow_the_export_flags() {
+        let d = |op, f| desc(op, f, 16, 8);
+        let plain = export(0);
+        // No flush command: nothing to do; no TRIM / WRITE_ZEROES: refused.
+        assert_eq!(
+            request_header(&plain, &d(Op::Flush, IoFlags::empty()), 0),
+            Err(0)
+        );
+        for op in [Op::Discard, Op::WriteZeroes] {
+            assert_eq!(
+                request_header(&plain, &d(op, IoFlags::empty()), 0),
+                Err(libc::EOPNOTSUPP)
+            );
+        }
+        // FUA only where the export takes it.
+        let w = request_header(&plain, &d(Op::Write, IoFlags::FUA), 3).unwrap();
+        assert_eq!((w.flags, w.offset, w.len, w.handle), (0, 8192, 4096, 3));
+        let fua = export(flags::SEND_FLUSH | flags::SEND_FUA);
+        let w = request_header(&fua, &d(Op::Write, IoFlags::FUA), 3).unwrap();
+        assert_eq!(w.flags, proto::CMD_FLAG_FUA);
+        let z = export(flags::SEND_WRITE_ZEROES);
+        let h = request_header(&z, &d(Op::WriteZeroes, IoFlags::NOUNMAP), 0).unwrap();
+        assert_eq!(
+            (h.cmd, h.flags),
+            (Cmd::WriteZeroes, proto::CMD_FLAG_NO_HOLE)
+        );
+        let ro = export(flags::READ_ONLY | flags::SEND_TRIM);
+        for op in [Op::Write, Op::Discard, Op::WriteZeroes] {
+            assert_eq!(
+                request_header(&ro, &d(op, IoFlags::empty()), 0),
+                Err(libc::EROFS)
+            );
+        }
+        assert_eq!(
+            request_header(&ro, &d(Op::Read, IoFlags::empty()), 0).map(|h| h.cmd),
+            Ok(Cmd::Read)
+        );
     }
 }
