@@ -504,7 +504,15 @@ fn a_malformed_reply_fails_the_request_not_the_daemon() {
             let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         }
     });
-    let id = add_nbd(&uri("", &sock), &["--no_auto_part_scan"]);
+    // Without the partition scan where the kernel can skip it; where it
+    // cannot (Linux 6.12), the scan's read is the one that meets the
+    // malformed reply, and the dd below fails as the device has.
+    let opts: &[&str] = if has_feature("UBLK_F_NO_AUTO_PART_SCAN") {
+        &["--no_auto_part_scan"]
+    } else {
+        &[]
+    };
+    let id = add_nbd(&uri("", &sock), opts);
     let o = sh_out(&format!(
         "dd if=/dev/ublkb{id} of=/dev/null bs=4k count=1 iflag=direct status=none"
     ));
