@@ -28,8 +28,19 @@ pub const VM_PACKAGES: &[&str] = &[
 /// Additional packages needed by the full test run (`cargo xtask test`,
 /// and `cargo xtask selftests`): `fdisk` for the kernel selftests' sfdisk
 /// (their bpftrace tests skip without it, saying so), `udev` for the test
-/// of the shipped udev rule (systemd-udevd in the guest).
-pub const TEST_PACKAGES: &[&str] = &["cpio", "fdisk", "fio", "libclang-dev", "udev", "xfsprogs"];
+/// of the shipped udev rule (systemd-udevd in the guest), `nbdkit` and
+/// `qemu-utils` (`qemu-nbd`, `qemu-img`) for the NBD servers of the nbd
+/// target's tests, which run them in the guest.
+pub const TEST_PACKAGES: &[&str] = &[
+    "cpio",
+    "fdisk",
+    "fio",
+    "libclang-dev",
+    "nbdkit",
+    "qemu-utils",
+    "udev",
+    "xfsprogs",
+];
 
 /// The installed version of `pkg`, according to dpkg.
 fn installed_version(pkg: &str) -> Option<String> {

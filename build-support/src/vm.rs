@@ -170,6 +170,9 @@ warn() {{ echo "ublk-rig: warning: $*"; }}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# The loopback interface starts down: bring it up (the kernel gives it
+# 127.0.0.1 and ::1), so tests can serve and connect on loopback.
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up || warn "cannot bring up the loopback interface"
 load() {{
   while read -r m; do
     [ -z "$m" ] || insmod /lib/modules/$m.ko || warn "cannot load module $m"
@@ -722,6 +725,10 @@ mod guest_tests {
             .join(release.trim())
             .join("modules.dep");
         assert!(dep.exists(), "{} is missing", dep.display());
+        // Loopback is up: a TCP connection to 127.0.0.1 goes through.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding on 127.0.0.1");
+        let addr = l.local_addr().expect("the listener's address");
+        std::net::TcpStream::connect(addr).expect("connecting on loopback");
         assert!(
             std::env::var_os("UBLK_RIG_SELFTEST_FAIL").is_none(),
             "failing on request (UBLK_RIG_SELFTEST_FAIL)"

@@ -53,7 +53,7 @@
 //! structs), [`mem`] (mmaps), [`ctrl`] and [`queue`] (pushing SQEs that
 //! point at buffers), [`target`] (`Submit::push`, whose contract is the
 //! ring's) and the ready-made [`targets`] (pushing SQEs that point at the
-//! request's buffer).
+//! request's buffer, and socket SQEs into request buffers).
 //! Everything else is safe code.
 #![deny(unsafe_code, missing_docs, clippy::undocumented_unsafe_blocks)]
 

@@ -196,6 +196,9 @@ pub struct Submit<'r, 's> {
     user_data: u64,
     /// The engine linked a buffer registration ahead of the next entry.
     registered: bool,
+    /// Requests the target completed with [`Submit::complete`]: (tag,
+    /// result), finished by the queue when the target's call returns.
+    completed: &'r mut Vec<(u16, i32)>,
 }
 
 impl std::fmt::Debug for Submit<'_, '_> {
@@ -204,25 +207,29 @@ impl std::fmt::Debug for Submit<'_, '_> {
             .field("inflight", &self.inflight)
             .field("user_data", &format_args!("{:#x}", self.user_data))
             .field("registered", &self.registered)
+            .field("completed", &self.completed.len())
             .finish()
     }
 }
 
 impl<'r, 's> Submit<'r, 's> {
     /// Access to `sq` for entries tagged `user_data` (bits 32–63 zero),
-    /// counting each pushed entry in `inflight`.
+    /// counting each pushed entry in `inflight`; what the target completes
+    /// with [`Submit::complete`] goes into `completed`.
     #[inline]
     pub(crate) fn new(
         sq: &'r mut SubmissionQueue<'s, Entry>,
         submitter: &'r Submitter<'s>,
         inflight: &'r mut usize,
         user_data: u64,
+        completed: &'r mut Vec<(u16, i32)>,
     ) -> Self {
         Self {
             sq,
             submitter,
             inflight,
             user_data,
+            completed,
             registered: false,
         }
     }
@@ -264,6 +271,20 @@ impl<'r, 's> Submit<'r, 's> {
             }
         }
         Ok(())
+    }
+
+    /// Completes request `tag` of this queue with `res` once the target's
+    /// call returns — for a target whose CQEs do not map one-to-one onto
+    /// requests (a socket's receive carries whichever reply comes next).
+    /// Only for requests the target answered with [`Handled::Queued`] and
+    /// has not completed yet, in a worker serving one whole queue (`tag`
+    /// names a request of [`Request::q_id`]).
+    #[inline]
+    pub fn complete(&mut self, tag: u16, res: i32) {
+        // The queue reserved room for every io it serves: a target can
+        // complete each of its queued requests once, so this never
+        // allocates.
+        self.completed.push((tag, res));
     }
 
     /// Queues `entry` for the request being handled; its CQE comes back
@@ -402,7 +423,8 @@ mod tests {
         let mut ring = io_uring::IoUring::new(4).unwrap();
         let (submitter, mut sq, _) = ring.split();
         let mut inflight = 0;
-        let mut sub = Submit::new(&mut sq, &submitter, &mut inflight, 0);
+        let mut completed = Vec::new();
+        let mut sub = Submit::new(&mut sq, &submitter, &mut inflight, 0, &mut completed);
         let req = || Request {
             q_id: 0,
             tag: 3,

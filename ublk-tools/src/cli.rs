@@ -96,6 +96,8 @@ pub enum TargetKind {
     #[value(name = "fault_inject", alias = "fault-inject")]
     #[serde(rename = "fault_inject")]
     FaultInject,
+    /// Forwards requests to an NBD server's export.
+    Nbd,
 }
 
 /// Options of `add` and `recover`: the target, the device options, and the
@@ -117,6 +119,10 @@ pub struct AddArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub target_opts: TargetOptions,
+    /// The nbd target's server.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub nbd: crate::nbd::NbdArgs,
 }
 
 /// Options of the stripe and fault_inject targets (kublk's names).
@@ -338,7 +344,9 @@ pub struct BackingArgs {
     #[arg(short = 'f', long = "file", action = ArgAction::Append)]
     #[serde(default, deserialize_with = "one_or_many")]
     pub file: Vec<PathBuf>,
-    /// Backing file (kublk style, positional; several for stripe).
+    /// Backing file (kublk style, positional; several for stripe); nbd:
+    /// the server's URI (`nbd://HOST[:PORT]/EXPORT` or
+    /// `nbd+unix:///EXPORT?socket=PATH`).
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
 }
@@ -696,6 +704,7 @@ impl NullCli {
             dev: self.dev,
             backing: BackingArgs::default(),
             target_opts: TargetOptions::default(),
+            nbd: Default::default(),
         }
     }
 }
@@ -708,6 +717,7 @@ impl LoopCli {
             dev: self.dev,
             backing: self.backing,
             target_opts: TargetOptions::default(),
+            nbd: Default::default(),
         }
     }
 }

@@ -274,7 +274,7 @@ fn queue_limits(
 
 fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
     a.target
-        .ok_or_else(|| usage("missing target type: use -t null, loop, stripe or fault_inject"))
+        .ok_or_else(|| usage("missing target type: use -t null, loop, stripe, fault_inject or nbd"))
 }
 
 /// The checks of `a` that need neither the driver nor the backing file
@@ -283,6 +283,23 @@ fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
 fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
     check_target_options(a, kind)?;
+    if kind == TargetKind::Nbd {
+        crate::nbd::addr(a)?;
+        if a.dev.size.is_some() {
+            return Err(usage(
+                "--size: the NBD export decides the size of an nbd device",
+            ));
+        }
+        if a.dev.per_io_tasks || a.dev.nthreads.is_some() {
+            return Err(usage(
+                "--nthreads/--per_io_tasks: an nbd device serves each queue over its own connection from one thread",
+            ));
+        }
+    } else if a.nbd.any() {
+        return Err(usage(
+            "--host, --port, --unix, --export_name and --reconnect_timeout are options of the nbd target (-t nbd)",
+        ));
+    }
     let files = a.backing.all();
     match kind {
         TargetKind::Stripe if files.is_empty() => {
@@ -373,7 +390,7 @@ fn check_target_options(a: &AddArgs, kind: TargetKind) -> anyhow::Result<()> {
 /// checked by [`Backing::open`]; a stripe's must be of one size.
 fn open_backings(a: &AddArgs, kind: TargetKind) -> anyhow::Result<Vec<Backing>> {
     let files = match kind {
-        TargetKind::Null => Vec::new(),
+        TargetKind::Null | TargetKind::Nbd => Vec::new(),
         TargetKind::Stripe => a.backing.all(),
         TargetKind::Loop | TargetKind::FaultInject => a.backing_file()?.into_iter().collect(),
     };
@@ -473,6 +490,9 @@ struct Report {
     error: Option<String>,
     #[serde(default)]
     created: Option<u32>,
+    /// Something the user should know (nbd: one queue where more were asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
@@ -546,7 +566,12 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
         }
     };
     match report {
-        Some(Report { id: Some(id), .. }) => {
+        Some(Report {
+            id: Some(id), note, ..
+        }) => {
+            if let Some(note) = note {
+                eprintln!("ublk: note: {note}");
+            }
             // The device is made and served: a closed stdout only ends
             // this report (quietly, status 0).
             if !a.dev.quiet {
@@ -613,12 +638,32 @@ fn serve(
 ) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
     let ctrl = Arc::new(open_control()?);
+    // Nbd: the server is asked first, so a bad one leaves no device; it
+    // may allow only one queue.
+    let nbd = match kind {
+        TargetKind::Nbd => Some(Arc::new(crate::nbd::NbdServe::open(a)?)),
+        _ => None,
+    };
+    let nbd_args;
+    let a = match &nbd {
+        Some(n) if n.queues != a.dev.queues => {
+            log::warn!("{}", n.note.as_deref().unwrap_or_default());
+            let mut one = a.clone();
+            one.dev.queues = n.queues;
+            nbd_args = one;
+            &nbd_args
+        }
+        _ => a,
+    };
     let (builder, mode) = builder(a, ctrl.features())?;
     let backings = open_backings(a, kind)?;
     let size = match (kind, backings.first()) {
         (TargetKind::Stripe, _) => stripe_size(a, &backings)?,
         (_, Some(b)) => b.size,
-        (_, None) => a.dev.size.unwrap_or(NULL_DEFAULT_SIZE),
+        (_, None) => match &nbd {
+            Some(n) => n.info.size,
+            None => a.dev.size.unwrap_or(NULL_DEFAULT_SIZE),
+        },
     };
     if let Some(r) = a.target_opts.error_range {
         if r.start >= size {
@@ -688,6 +733,15 @@ fn serve(
         let mut params = Params::basic(basic);
         (params.dma_alignment, params.segment) = queue_limits(a, kind)?;
         params.discard = backing.and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
+        if let Some(n) = &nbd {
+            // The export decides sizes, caching and what it takes.
+            params = ublk::targets::nbd::params_for(&n.info, dev.info().max_io_buf_bytes());
+            if a.dev.read_only {
+                if let Some(b) = params.basic.as_mut() {
+                    b.attrs |= Attrs::READ_ONLY;
+                }
+            }
+        }
         dev.set_params(&params)?;
     }
     let id = dev.id();
@@ -743,14 +797,19 @@ fn serve(
             queue_tids: queues.iter().map(|q| q.tid).collect(),
             queue_affinity: queues.iter().map(|q| q.affinity.clone()).collect(),
             options: a.clone(),
+            nbd: nbd.as_ref().map(|n| n.state()),
         };
         if let Err(e) = st.save() {
             log::warn!("{e:#}");
+        }
+        if let Some(n) = &nbd {
+            n.watch(st.clone());
         }
         match report.take() {
             Some(out) => {
                 let line = serde_json::to_string(&Report {
                     id: Some(info.id()),
+                    note: nbd.as_ref().and_then(|n| n.note.clone()),
                     ..Default::default()
                 })
                 .unwrap_or_default();
@@ -775,6 +834,7 @@ fn serve(
     };
     dev.set_queue_affinity(a.dev.queue_affinity.into());
     dev.set_fixed_cdev(!a.dev.no_ublk_fixed_fd);
+    let depth = dev.info().queue_depth();
     let start = if recover {
         StartKind::Recover
     } else {
@@ -782,6 +842,9 @@ fn serve(
     };
     let faults = &a.target_opts;
     let make_target = |q| -> std::io::Result<AnyTarget> {
+        if let Some(n) = &nbd {
+            return Ok(AnyTarget::Nbd(n.target(depth)?));
+        }
         Ok(match (kind, shared.first()) {
             (TargetKind::Stripe, _) => {
                 AnyTarget::Stripe(stripe_target(&shared, &a.target_opts, depth)?)
@@ -1062,6 +1125,9 @@ pub struct Listing {
     pub direct_io: Option<bool>,
     /// Target size in bytes.
     pub size: Option<u64>,
+    /// Nbd: the server and the connection's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::nbd::NbdState>,
 }
 
 /// One queue as `list` shows it.
@@ -1117,6 +1183,7 @@ fn listing(ctrl: &Control, id: u32) -> anyhow::Result<Listing> {
             }),
         direct_io: st.as_ref().and_then(|s| s.direct_io),
         size: st.as_ref().map(|s| s.size),
+        nbd: st.as_ref().and_then(|s| s.nbd.clone()),
     })
 }
 
@@ -1136,6 +1203,18 @@ pub fn format_listing(l: &Listing) -> String {
         ));
     }
     match (l.target, &l.backing_file) {
+        (Some(TargetKind::Nbd), _) if l.nbd.is_some() => {
+            if let Some(n) = &l.nbd {
+                s.push_str(&format!(
+                    "\ttarget nbd server {} size {} state {} disconnects {} reconnects {}\n",
+                    n.server,
+                    l.size.unwrap_or(0),
+                    n.state,
+                    n.disconnects,
+                    n.reconnects
+                ));
+            }
+        }
         (Some(t @ (TargetKind::Loop | TargetKind::FaultInject)), Some(f)) => s.push_str(&format!(
             "\ttarget {} backing_file {} size {} direct_io {}\n",
             target_name(t),
@@ -1233,6 +1312,7 @@ mod tests {
             chunk_size: None,
             direct_io: None,
             size: Some(250 << 30),
+            nbd: None,
         };
         let text = format_listing(&l);
         let lines: Vec<&str> = text.lines().collect();

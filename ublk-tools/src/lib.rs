@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod nbd;
 pub mod state;
 pub mod targets;
 
@@ -102,6 +103,8 @@ fn daemon_entry(prog: &str) -> Option<ExitCode> {
 pub fn main_fixed_target(target: cli::TargetKind) -> ExitCode {
     let prog = match target {
         cli::TargetKind::Null => "ublk-null",
+        // No program of its own: `ublk add -t nbd`.
+        cli::TargetKind::Nbd => "ublk",
         _ => "ublk-loop",
     };
     if let Some(code) = daemon_entry(prog) {
@@ -116,6 +119,7 @@ pub fn main_fixed_target(target: cli::TargetKind) -> ExitCode {
             "ublk-loop",
             cli::LoopCli::try_parse().map(cli::LoopCli::into_add_args),
         ),
+        cli::TargetKind::Nbd => return run(cli::Cli::parse()),
     };
     match parsed {
         Ok(a) => run_as(prog, cli::Command::Add(a)),

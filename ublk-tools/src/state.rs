@@ -81,6 +81,9 @@ pub struct DeviceState {
     pub queue_affinity: Vec<Vec<usize>>,
     /// The options the device was added with.
     pub options: AddArgs,
+    /// Nbd: the server and the connection's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::nbd::NbdState>,
 }
 
 /// The state file of device `id`.

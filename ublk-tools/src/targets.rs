@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use ublk::targets::nbd::NbdTarget;
 use ublk::{FaultInject, FileTarget, Handled, Request, StripeTarget, Submit, Target};
 
 use crate::cli::TargetOptions;
@@ -268,6 +269,8 @@ pub enum AnyTarget {
     FaultNull(FaultInject<NullTarget>),
     /// `-t fault_inject -f FILE`: faults around a loop target.
     FaultLoop(FaultInject<LoopTarget>),
+    /// `-t nbd`.
+    Nbd(NbdTarget),
 }
 
 /// `$call` on the target inside `$any`, whichever variant it is.
@@ -279,6 +282,7 @@ macro_rules! each_target {
             AnyTarget::Stripe($t) => $call,
             AnyTarget::FaultNull($t) => $call,
             AnyTarget::FaultLoop($t) => $call,
+            AnyTarget::Nbd($t) => $call,
         }
     };
 }

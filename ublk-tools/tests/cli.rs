@@ -602,8 +602,37 @@ fn usage_errors_exit_2_and_failures_exit_1() {
         UBLK,
         &["add", "-t", "raid"],
         2,
-        "ublk: invalid value 'raid' for '--type <TARGET>' [possible values: null, loop, stripe, fault_inject]",
+        "ublk: invalid value 'raid' for '--type <TARGET>' [possible values: null, loop, stripe, fault_inject, nbd]",
     );
+    // The nbd target's arguments are checked before the driver is asked.
+    for (args, line) in [
+        (
+            &["add", "-t", "nbd"][..],
+            "ublk: the nbd target needs a server: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, --host HOST or --unix PATH",
+        ),
+        (
+            &["add", "-t", "nbd", "nbd://h:0/x"],
+            "ublk: NBD URI \"nbd://h:0/x\": bad port \"0\"",
+        ),
+        (
+            &["add", "-t", "nbd", "nbd+unix:///x"],
+            "ublk: NBD URI \"nbd+unix:///x\": no ?socket=PATH",
+        ),
+        (
+            &["add", "-t", "nbd", "nbd://h/x", "--host", "h"],
+            "ublk: give the NBD server either as a URI or with --host/--unix, not both",
+        ),
+        (
+            &["add", "-t", "nbd", "nbd://h/x", "-s", "1G"],
+            "ublk: --size: the NBD export decides the size of an nbd device",
+        ),
+        (
+            &["add", "-t", "null", "--export_name", "x"],
+            "ublk: --host, --port, --unix, --export_name and --reconnect_timeout are options of the nbd target (-t nbd)",
+        ),
+    ] {
+        refused(UBLK, args, 2, line);
+    }
     refused(
         UBLK,
         &["add", "-t", "null", "--queue", "2"],

@@ -197,6 +197,7 @@ impl Queue<'_> {
                 &submitter,
                 &mut self.target_inflight,
                 super::user_data(Kind::Target, io, 0),
+                &mut self.completed,
             )
             .after_registration(registered);
             let buf = match buf_kind {
@@ -229,6 +230,40 @@ impl Queue<'_> {
         if let Handled::Done(res) = handled {
             self.finish(io, res);
         }
+        self.finish_completed();
+    }
+
+    /// Finishes the requests the target completed with `Submit::complete`
+    /// in the call that just returned. Here rather than in `Submit`: a
+    /// finish pushes our own commands, which needs the whole queue. Their
+    /// tags are the kernel's; in a worker serving one whole queue those
+    /// are the io indexes, else the io is looked up by its tag.
+    pub(super) fn finish_completed(&mut self) {
+        if self.completed.is_empty() {
+            return;
+        }
+        // Taken (not cloned) and given back: its capacity stays reserved.
+        let mut done = std::mem::take(&mut self.completed);
+        for &(tag, res) in &done {
+            let io = if self.slot(IoIndex(tag)).tag == tag {
+                Some(IoIndex(tag))
+            } else {
+                self.ios
+                    .iter()
+                    .position(|s| s.q_id == self.cfg.q_id && s.tag == tag)
+                    .and_then(|i| u16::try_from(i).ok())
+                    .map(IoIndex)
+            };
+            match io {
+                Some(io) => self.finish(io, res),
+                None => log::error!(
+                    "queue {}: target completed unknown tag {tag}",
+                    self.cfg.q_id
+                ),
+            }
+        }
+        done.clear();
+        self.completed = done;
     }
 
     /// pread (`to_kernel` false) or pwrite the request's data through the

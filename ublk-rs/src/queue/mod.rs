@@ -239,6 +239,10 @@ pub struct Queue<'fd> {
     target_inflight: usize,
     /// A command came back with `UBLK_IO_RES_ABORT` (STOP_DEV, QUIESCE_DEV).
     aborted: bool,
+    /// Requests a target completed with `Submit::complete` during its
+    /// current call, finished by `finish_completed` when it returns (room
+    /// for every io reserved here, so the hot path does not allocate).
+    completed: Vec<(u16, i32)>,
     stats: QueueStats,
 }
 
@@ -379,6 +383,7 @@ impl<'fd> Queue<'fd> {
                 .map_err(Error::io("registering a sparse buffer table"))?;
         }
         let batch = cfg.batch.then(|| Batch::new(&cfg, &ring)).transpose()?;
+        let completed = Vec::with_capacity(slots.len().max(usize::from(cfg.depth)));
         Ok(Self {
             cfg,
             cdev,
@@ -390,6 +395,7 @@ impl<'fd> Queue<'fd> {
             cmd_inflight: 0,
             target_inflight: 0,
             aborted: false,
+            completed,
             stats: QueueStats::default(),
         })
     }
@@ -508,6 +514,7 @@ impl<'fd> Queue<'fd> {
                 if let Handled::Done(r) = handled {
                     self.finish(io, r);
                 }
+                self.finish_completed();
             }
             Some(Kind::Fetch) => self.on_fetch_cqe(target, res, flags),
             Some(Kind::Commit) => self.on_commit_cqe(data, res),
@@ -538,6 +545,7 @@ impl<'fd> Queue<'fd> {
             &submitter,
             &mut self.target_inflight,
             user_data(Kind::Target, io, 0),
+            &mut self.completed,
         );
         f(&mut sub)
     }

@@ -6,10 +6,13 @@
 //! - [`StripeTarget`] ([`mod@stripe`]): RAID-0 over several files, in
 //!   chunks;
 //! - [`FaultInject`] ([`mod@fault_inject`]): wraps another target (or none)
-//!   to delay requests, fail some of them, or die while fetching.
+//!   to delay requests, fail some of them, or die while fetching;
+//! - [`nbd::NbdTarget`] ([`mod@nbd`]): a client of an NBD server, over TCP or
+//!   a Unix socket.
 
 pub mod fault_inject;
 pub mod file;
+pub mod nbd;
 pub mod stripe;
 
 pub use fault_inject::FaultInject;

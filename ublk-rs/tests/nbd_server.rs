@@ -1,0 +1,332 @@
+//! The NBD client's handshake and wire format against real servers
+//! (`nbdkit`, `qemu-nbd`) on this host: no ublk driver needed.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ublk::targets::nbd::proto::{self, flags, Cmd, ReplyReader, RequestHeader, Want};
+use ublk::targets::nbd::{connect, request_header, Conn, ConnError, ConnectOptions, NbdAddr};
+use ublk::{IoDesc, IoFlags, Op};
+
+/// A server process, killed on drop.
+struct Server(Child, PathBuf);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+fn sock_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ublk-nbd-{name}-{}.sock", std::process::id()))
+}
+
+/// Starts `cmd` (which serves on `sock`) and waits for the socket.
+fn serve(tool: &str, args: &[&str], sock: &Path) -> Option<Server> {
+    if Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        println!("SKIP: {tool} is not installed");
+        return None;
+    }
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawning the server");
+    let server = Server(child, sock.to_owned());
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{tool} did not create {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(server)
+}
+
+fn unix_uri(export: &str, sock: &Path) -> NbdAddr {
+    NbdAddr::parse_uri(&format!("nbd+unix:///{export}?socket={}", sock.display())).unwrap()
+}
+
+/// Sends `reqs` (a write's data is `data`) on `conn` and reads every reply
+/// with the reader the target uses: the results and the read data, by
+/// request.
+fn exchange(conn: &mut Conn, reqs: &[RequestHeader], data: &[u8]) -> (Vec<i32>, Vec<Vec<u8>>) {
+    let n = reqs.len() as u16;
+    let mut reader = ReplyReader::new(n, conn.structured);
+    for (i, r) in reqs.iter().enumerate() {
+        assert!(reader.expect(i as u16, r));
+        conn.stream.write_all(&r.encode()).unwrap();
+        if r.cmd == Cmd::Write {
+            conn.stream.write_all(&data[..r.len as usize]).unwrap();
+        }
+    }
+    let mut bufs: Vec<Vec<u8>> = reqs.iter().map(|r| vec![0u8; r.len as usize]).collect();
+    let mut results = vec![None; reqs.len()];
+    while reader.busy() {
+        let got = match reader.want() {
+            Want::Header | Want::Discard(_) => conn.stream.read(reader.header_buf()).unwrap(),
+            Want::Data { tag, at, len } => {
+                let b = &mut bufs[usize::from(tag)][at as usize..(at + len) as usize];
+                conn.stream.read(b).unwrap()
+            }
+            Want::Zero { tag, at, len } => {
+                bufs[usize::from(tag)][at as usize..(at + len) as usize].fill(0);
+                if let Some(rep) = reader.advance(0).unwrap() {
+                    results[usize::from(rep.tag)] = Some(rep.result);
+                }
+                continue;
+            }
+        };
+        assert!(got > 0, "the server closed the connection");
+        if let Some(rep) = reader.advance(got).unwrap() {
+            results[usize::from(rep.tag)] = Some(rep.result);
+        }
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.expect("every request has a reply"))
+        .collect();
+    (results, bufs)
+}
+
+#[test]
+fn nbdkit_memory_handshake_and_io() {
+    let sock = sock_path("nbdkit");
+    let Some(_server) = serve(
+        "nbdkit",
+        &[
+            "-f",
+            "--exit-with-parent",
+            "-U",
+            sock.to_str().unwrap(),
+            "memory",
+            "1M",
+        ],
+        &sock,
+    ) else {
+        return;
+    };
+    let mut conn = connect(&unix_uri("", &sock), ConnectOptions::default()).unwrap();
+    assert_eq!(conn.info.size, 1 << 20);
+    assert!(conn.info.has(flags::SEND_FLUSH), "{:#x}", conn.info.flags);
+    assert!(conn.info.has(flags::SEND_TRIM) && conn.info.has(flags::SEND_WRITE_ZEROES));
+    assert!(conn.info.has(flags::CAN_MULTI_CONN));
+    assert!(!conn.info.has(flags::READ_ONLY));
+
+    // A write, a flush and a read back, parsed by the reader the target uses.
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    let reqs = [
+        RequestHeader {
+            flags: proto::CMD_FLAG_FUA,
+            cmd: Cmd::Write,
+            handle: 0,
+            offset: 8192,
+            len: 4096,
+        },
+        RequestHeader {
+            flags: 0,
+            cmd: Cmd::Flush,
+            handle: 1,
+            offset: 0,
+            len: 0,
+        },
+        RequestHeader {
+            flags: 0,
+            cmd: Cmd::Read,
+            handle: 2,
+            offset: 8192,
+            len: 4096,
+        },
+        RequestHeader {
+            flags: 0,
+            cmd: Cmd::Read,
+            handle: 3,
+            offset: 2 << 20,
+            len: 512,
+        },
+    ];
+    let (results, bufs) = exchange(&mut conn, &reqs, &data);
+    assert_eq!(results, [4096, 0, 4096, -libc::EINVAL]);
+    assert_eq!(bufs[2], data);
+}
+
+#[test]
+fn qemu_nbd_refuses_an_unknown_export_and_serves_read_only() {
+    let dir = std::env::temp_dir();
+    let img = dir.join(format!("ublk-nbd-qemu-{}.img", std::process::id()));
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = sock_path("qemu");
+    let Some(_server) = serve(
+        "qemu-nbd",
+        &[
+            "-k",
+            sock.to_str().unwrap(),
+            "-x",
+            "disk",
+            "-f",
+            "raw",
+            "-r",
+            "--persistent",
+            "-t",
+            img.to_str().unwrap(),
+        ],
+        &sock,
+    ) else {
+        let _ = std::fs::remove_file(&img);
+        return;
+    };
+    let e = connect(&unix_uri("nope", &sock), ConnectOptions::default()).unwrap_err();
+    assert!(matches!(e, ConnError::Refused { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("export \"nope\"") && msg.contains("no such export"),
+        "{msg}"
+    );
+    let c = connect(&unix_uri("disk", &sock), ConnectOptions::default()).unwrap();
+    assert_eq!(c.info.size, 1 << 20);
+    assert!(c.info.has(flags::READ_ONLY));
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn unreachable_servers_are_one_line() {
+    // Nothing listens on port 1 of loopback.
+    let a = NbdAddr::parse_uri("nbd://127.0.0.1:1/x").unwrap();
+    let e = connect(&a, ConnectOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("NBD server nbd://127.0.0.1:1/x: connecting:"),
+        "{e}"
+    );
+    let a = unix_uri("x", Path::new("/nonexistent/nbd.sock"));
+    let e = connect(&a, ConnectOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("connecting") && !e.contains('\n'), "{e}");
+}
+
+/// A server that accepts and closes mid-handshake, and one that is not
+/// an NBD server at all.
+#[test]
+fn servers_that_break_the_handshake() {
+    use std::os::unix::net::UnixListener;
+    for (name, greeting) in [
+        ("close", &b"NBDMAGIC"[..]),
+        ("ssh", &b"SSH-2.0-OpenSSH_9.2\r\n"[..]),
+    ] {
+        let sock = sock_path(name);
+        let _ = std::fs::remove_file(&sock);
+        let l = UnixListener::bind(&sock).unwrap();
+        let g = greeting.to_vec();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = s.write_all(&g);
+        });
+        let e = connect(&unix_uri("x", &sock), ConnectOptions::default())
+            .unwrap_err()
+            .to_string();
+        t.join().unwrap();
+        let _ = std::fs::remove_file(&sock);
+        match name {
+            "close" => assert!(
+                e.contains("closed the connection during the handshake"),
+                "{e}"
+            ),
+            _ => assert!(e.contains("protocol error") && e.contains("magic"), "{e}"),
+        }
+    }
+}
+
+/// What the target sends for the kernel's requests, as the kernel shapes
+/// them: a write, then flushes whose descriptors carry a sector (the block
+/// layer's flush request keeps a stale one, or -1) — to qemu-nbd, which
+/// fails a flush range past the export with EINVAL (`mkfs.xfs`: "Flushing
+/// the data device failed, err=22"), and to nbdkit, which fails any flush
+/// with a range.
+#[test]
+fn flushes_as_the_kernel_sends_them_reach_qemu_nbd_and_nbdkit() {
+    let img = std::env::temp_dir().join(format!("ublk-nbd-flush-{}.img", std::process::id()));
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let qemu_sock = sock_path("flush-qemu");
+    let kit_sock = sock_path("flush-nbdkit");
+    let servers = [
+        (
+            "qemu-nbd",
+            vec![
+                "-k",
+                qemu_sock.to_str().unwrap(),
+                "-x",
+                "disk",
+                "-f",
+                "raw",
+                // As the guest tests serve it.
+                "--cache=writeback",
+                "--persistent",
+                img.to_str().unwrap(),
+            ],
+            &qemu_sock,
+            "disk",
+        ),
+        (
+            "nbdkit",
+            vec![
+                "-f",
+                "--exit-with-parent",
+                "-U",
+                kit_sock.to_str().unwrap(),
+                "memory",
+                "1M",
+            ],
+            &kit_sock,
+            "",
+        ),
+    ];
+    let desc = |op, flags, start_sector, nr_sectors| IoDesc {
+        op,
+        flags,
+        start_sector,
+        nr_sectors,
+        addr: 0,
+    };
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+    for (tool, args, sock, export) in servers {
+        let Some(_server) = serve(tool, &args, sock) else {
+            continue;
+        };
+        let mut conn = connect(&unix_uri(export, sock), ConnectOptions::default()).unwrap();
+        assert!(
+            conn.info.has(flags::SEND_FLUSH),
+            "{tool}: {:#x}",
+            conn.info.flags
+        );
+        let descs = [
+            desc(Op::Write, IoFlags::FUA, 16, 8),
+            desc(Op::Flush, IoFlags::empty(), 0, 0),
+            desc(Op::Flush, IoFlags::empty(), 16, 0),
+            desc(Op::Flush, IoFlags::empty(), u64::MAX >> 9, 0),
+            desc(Op::Read, IoFlags::empty(), 16, 8),
+        ];
+        let reqs: Vec<RequestHeader> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| request_header(&conn.info, d, i as u64).unwrap())
+            .collect();
+        let (results, bufs) = exchange(&mut conn, &reqs, &data);
+        assert_eq!(results, [4096, 0, 0, 0, 4096], "{tool}");
+        assert_eq!(bufs[4], data, "{tool}");
+    }
+    let _ = std::fs::remove_file(&img);
+}
