@@ -239,7 +239,49 @@ fn publish_dry_run(ws: &Workspace, rows: &mut Vec<Row>) {
         });
         return;
     }
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    if let Some(home) = cargo_home {
+        forget_unpacked_own_packages(&home.join("registry/src"), &OWN_PACKAGES);
+    }
     cargo_step(ws, "cargo publish --dry-run", &PUBLISH_DRY_RUN, &[], rows);
+}
+
+/// The workspace's publishable packages.
+const OWN_PACKAGES: [&str; 3] = ["ublk-rs-sys", "ublk-rs", "ublk-tools"];
+
+/// Removes what an earlier dry run unpacked of our own `packages` from the
+/// local registry cargo serves them from. That registry's unpacked sources
+/// live in `src_dir` under a name made of its path (`-<hash>`: a file URL
+/// has no host), so the same checkout path gets the same folder, and
+/// cargo does not unpack a crate whose folder exists: the dry run would
+/// build the dependent crates against the library as it was then (a CI
+/// run on the same path failed so). crates.io's folders are
+/// `<host>-<hash>` and are left alone.
+pub fn forget_unpacked_own_packages(src_dir: &Path, packages: &[&str]) {
+    let Ok(registries) = std::fs::read_dir(src_dir) else {
+        return;
+    };
+    for reg in registries.flatten() {
+        if !reg.file_name().to_string_lossy().starts_with('-') {
+            continue;
+        }
+        let Ok(crates) = std::fs::read_dir(reg.path()) else {
+            continue;
+        };
+        for krate in crates.flatten() {
+            let name = krate.file_name().to_string_lossy().into_owned();
+            let ours = name.rsplit_once('-').is_some_and(|(pkg, version)| {
+                packages.contains(&pkg) && version.starts_with(|c: char| c.is_ascii_digit())
+            });
+            if ours {
+                if let Err(e) = std::fs::remove_dir_all(krate.path()) {
+                    eprintln!("cannot remove {}: {e}", krate.path().display());
+                }
+            }
+        }
+    }
 }
 
 /// Builds the test binaries (and the workspace's binaries) and lists them.
@@ -663,6 +705,25 @@ not json"#;
                 },
             ]
         );
+    }
+
+    #[test]
+    fn stale_unpacked_packages_are_removed_from_local_registries_only() {
+        let root = std::env::temp_dir().join(format!("unpacked-{}", std::process::id()));
+        let dirs = [
+            "-14cd1cce6819ff87/ublk-rs-0.1.0",
+            "-14cd1cce6819ff87/ublk-rs-sys-0.1.0",
+            "-14cd1cce6819ff87/serde-1.0.0",
+            "-14cd1cce6819ff87/ublk-rs-extra-0.1.0",
+            "index.crates.io-1949cf8c6b5b557f/ublk-rs-0.1.0",
+        ];
+        for d in dirs {
+            std::fs::create_dir_all(root.join(d).join("src")).unwrap();
+        }
+        forget_unpacked_own_packages(&root, &OWN_PACKAGES);
+        let left: Vec<bool> = dirs.iter().map(|d| root.join(d).exists()).collect();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(left, [false, false, true, true, true]);
     }
 
     #[test]

@@ -761,7 +761,6 @@ fn serve(
     };
     let direct_io = backings.first().map(|b| b.direct_io);
     let shared: Vec<Arc<File>> = backings.into_iter().map(|b| Arc::new(b.file)).collect();
-    let depth = dev.info().queue_depth();
     let read_only = a.dev.read_only;
     let unprivileged = dev.info().flags().contains(Features::UNPRIVILEGED_DEV);
     let on_live = |info: &DevInfo, queues: &[ublk::QueueInfo]| {

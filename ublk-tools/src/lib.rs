@@ -99,12 +99,11 @@ fn daemon_entry(prog: &str) -> Option<ExitCode> {
 
 /// `ublk-loop`'s and `ublk-null`'s `main`: `ublk add -t TARGET` with the
 /// target fixed, under the program's own name: `Null` is `ublk-null`, any
-/// other `ublk-loop` (stripe and fault_inject have no program of their own).
+/// other `ublk-loop` (stripe, fault_inject and nbd have no program of their
+/// own).
 pub fn main_fixed_target(target: cli::TargetKind) -> ExitCode {
     let prog = match target {
         cli::TargetKind::Null => "ublk-null",
-        // No program of its own: `ublk add -t nbd`.
-        cli::TargetKind::Nbd => "ublk",
         _ => "ublk-loop",
     };
     if let Some(code) = daemon_entry(prog) {
@@ -119,7 +118,6 @@ pub fn main_fixed_target(target: cli::TargetKind) -> ExitCode {
             "ublk-loop",
             cli::LoopCli::try_parse().map(cli::LoopCli::into_add_args),
         ),
-        cli::TargetKind::Nbd => return run(cli::Cli::parse()),
     };
     match parsed {
         Ok(a) => run_as(prog, cli::Command::Add(a)),
