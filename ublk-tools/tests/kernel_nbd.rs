@@ -520,7 +520,10 @@ fn a_malformed_reply_fails_the_request_not_the_daemon() {
         !o.status.success(),
         "a read with a malformed reply must fail"
     );
-    assert_eq!(nbd_status(id).0, "failed");
+    // The state file follows the connection every 250 ms.
+    wait_until("the connection to be reported failed", 10, || {
+        nbd_status(id).0 == "failed"
+    });
     let log = std::fs::read_to_string("/run/ublk/daemon.log").unwrap_or_default();
     assert!(log.contains("bad reply magic 0xdeadbeef"), "{log}");
     ok(&["del", "-n", &id.to_string()]);

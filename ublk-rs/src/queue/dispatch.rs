@@ -189,6 +189,7 @@ impl Queue<'_> {
             }
         }
         let registered = self.states.get(io.get()).is_some_and(|t| t.registered);
+        let target_entries = self.target_inflight;
         let handled = {
             // Split borrows: the ring for `Submit`, the buffers for `IoBuf`.
             let (submitter, mut sq, _) = self.ring.split();
@@ -227,6 +228,16 @@ impl Queue<'_> {
                 },
             )
         };
+        if registered && self.target_inflight == target_entries {
+            // The registration is hard-linked to the next entry, and the
+            // target queued none (an nbd request waiting for its
+            // connection): a NOP ends the chain here. Otherwise the
+            // registration would link to whatever is queued next and, no
+            // longer the head of its chain, be issued later from deferred
+            // task work, after entries queued since that already use its
+            // buffer (they fail with EFAULT).
+            self.push_own_or_log(Kind::Reg, io, io_uring::opcode::Nop::new().build());
+        }
         if let Handled::Done(res) = handled {
             self.finish(io, res);
         }
