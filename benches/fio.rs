@@ -49,12 +49,16 @@ use serde_json::Value;
 const BACKING: &str = "/tmp/ublk-bench.img";
 /// Queue depth of every device (ours and null_blk's `hw_queue_depth`).
 const DEVICE_DEPTH: u32 = 128;
+/// The Unix socket of the NBD server (`nbdkit memory`) that both our nbd
+/// target and the kernel's NBD client (`nbd-client`) connect to.
+const NBD_SOCKET: &str = "/tmp/ublk-bench-nbd.sock";
 
 /// Which of our targets (and which baseline).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Null,
     Loop,
+    Nbd,
 }
 
 impl Kind {
@@ -62,6 +66,7 @@ impl Kind {
         match self {
             Kind::Null => "null",
             Kind::Loop => "loop",
+            Kind::Nbd => "nbd",
         }
     }
 
@@ -70,6 +75,16 @@ impl Kind {
         match self {
             Kind::Null => "null_blk",
             Kind::Loop => "kernel_loop",
+            Kind::Nbd => "kernel_nbd",
+        }
+    }
+
+    /// The kind of a benchmark group (`null/…`, `loop/…`, `nbd/…`).
+    fn of_group(group: &str) -> Kind {
+        match group.split('/').next() {
+            Some("null") => Kind::Null,
+            Some("nbd") => Kind::Nbd,
+            _ => Kind::Loop,
         }
     }
 }
@@ -216,7 +231,7 @@ impl Job {
         }
         let size = match kind {
             Kind::Null => 250 << 30,
-            Kind::Loop => loop_mb() << 20,
+            Kind::Loop | Kind::Nbd => loop_mb() << 20,
         };
         (size / self.bs).max(1)
     }
@@ -523,13 +538,19 @@ fn add_ublk(kind: Kind, queues: u32, v: &Variant) -> Result<Dev, String> {
     let before = ublk_ids();
     let (q, d) = (queues.to_string(), DEVICE_DEPTH.to_string());
     let mut args: Vec<&str> = vec!["add"];
+    let nbd_uri = format!("nbd+unix:///?socket={NBD_SOCKET}");
+    if kind == Kind::Nbd && v.server != Server::Ours {
+        return Err(format!("{} has no nbd target", v.server.prefix()));
+    }
     match v.server {
         Server::Ours => {
             args.extend(["-t", kind.name(), "-q", &q, "-d", &d]);
             args.extend(v.opts);
             args.push("--quiet");
-            if kind == Kind::Loop {
-                args.extend(["-f", BACKING]);
+            match kind {
+                Kind::Loop => args.extend(["-f", BACKING]),
+                Kind::Nbd => args.push(&nbd_uri),
+                Kind::Null => {}
             }
         }
         // kublk takes backing files as operands after the options.
@@ -641,6 +662,68 @@ fn add_null_blk(queues: u32) -> Result<Dev, String> {
     })
 }
 
+/// The NBD server both NBD clients use: `nbdkit memory` of the loop
+/// file's size on [`NBD_SOCKET`], killed when dropped.
+struct NbdServer(std::process::Child);
+
+impl NbdServer {
+    fn start() -> Result<Self, String> {
+        let _ = std::fs::remove_file(NBD_SOCKET);
+        let child = Command::new("nbdkit")
+            .args(["--foreground", "--exit-with-parent", "-U", NBD_SOCKET])
+            .args(["memory", &format!("size={}M", loop_mb())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("nbdkit: {e}"))?;
+        let server = NbdServer(child);
+        let t0 = Instant::now();
+        while !Path::new(NBD_SOCKET).exists() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(format!("nbdkit made no socket {NBD_SOCKET}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(NBD_SOCKET);
+    }
+}
+
+/// The kernel's NBD client (`nbd.ko` through `nbd-client`) on the bench's
+/// NBD server: one connection per queue, 512-byte blocks like ours on
+/// `nbdkit memory`, the scheduler `none` like every ublk disk.
+fn add_kernel_nbd(queues: u32) -> Result<Dev, String> {
+    sh(Command::new("modprobe").args(["nbd", "nbds_max=4"]))?;
+    let path = PathBuf::from("/dev/nbd0");
+    let c = queues.to_string();
+    let args = ["-unix", NBD_SOCKET, "/dev/nbd0", "-b", "512", "-C", &c];
+    sh(Command::new("nbd-client").args(args))?;
+    let t0 = Instant::now();
+    while sysfs(&path, "size").trim() == "0" && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Err(e) = std::fs::write("/sys/block/nbd0/queue/scheduler", "none") {
+        eprintln!("note: cannot set the scheduler of nbd0 to none: {e}");
+    }
+    let mut settings = block_settings(&path, format!("nbd-client {}", args.join(" ")));
+    settings.queues = std::fs::read_dir("/sys/block/nbd0/mq").map_or(0, |d| d.count() as u32);
+    Ok(Dev {
+        variant: Kind::Nbd.baseline().into(),
+        settings,
+        path,
+        daemon_pid: None,
+        ublk: None,
+        loop_dev: None,
+    })
+}
+
 /// Kernel loop with direct I/O on the backing file.
 fn add_kernel_loop() -> Result<Dev, String> {
     let out = sh(Command::new("losetup").args(["--direct-io=on", "--find", "--show", BACKING]))?;
@@ -675,6 +758,9 @@ fn remove(dev: &Dev) {
     }
     if dev.variant == Kind::Null.baseline() {
         let _ = sh(Command::new("rmmod").arg("null_blk"));
+    }
+    if dev.variant == Kind::Nbd.baseline() {
+        let _ = sh(Command::new("nbd-client").args(["-d", "/dev/nbd0"]));
     }
 }
 
@@ -782,11 +868,25 @@ fn bench_kind(
         jobs.iter()
             .any(|j| filter.matches(&bench_id(kind, j, variant)))
     };
+    let any_wanted = wanted(kind.baseline()) || VARIANTS.iter().any(|v| wanted(&v.name()));
+    // Both NBD clients talk to one server, which lives as long as they do
+    // (declared before `devs`: dropped after them).
+    let _nbd_server = match kind {
+        Kind::Nbd if any_wanted => match NbdServer::start() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                notes.push(format!("nbd skipped: {e}"));
+                return;
+            }
+        },
+        _ => None,
+    };
     let mut devs = Vec::new();
     if wanted(kind.baseline()) {
         match match kind {
             Kind::Null => add_null_blk(queues),
             Kind::Loop => add_kernel_loop(),
+            Kind::Nbd => add_kernel_nbd(queues),
         } {
             Ok(d) => devs.push(d),
             Err(e) => notes.push(format!("{} baseline unavailable: {e}", kind.name())),
@@ -907,7 +1007,7 @@ fn report(results: &BTreeMap<String, Stats>, notes: &[String]) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = writeln!(
         s,
-        "Kernel {}, {} CPUs, {} table runs (rounds of one fio run per variant in turn, after criterion's samples). IOPS = I/Os / fio run time over the rounds; ratio = median over rounds of our IOPS / the baseline's in the same round (kernel null_blk for null, kernel loop with direct I/O on the same file for loop); p99 = median over the rounds of fio's p99 completion latency; CPU/IO = daemon utime+stime (/proc/PID/stat, 10 ms ticks) per I/O; RSS = daemon VmRSS (and VmHWM) after the rounds.\n",
+        "Kernel {}, {} CPUs, {} table runs (rounds of one fio run per variant in turn, after criterion's samples). IOPS = I/Os / fio run time over the rounds; ratio = median over rounds of our IOPS / the baseline's in the same round (kernel null_blk for null, kernel loop with direct I/O on the same file for loop, the kernel NBD client nbd.ko on the same nbdkit server for nbd); p99 = median over the rounds of fio's p99 completion latency; CPU/IO = daemon utime+stime (/proc/PID/stat, 10 ms ticks) per I/O; RSS = daemon VmRSS (and VmHWM) after the rounds.\n",
         kernel.trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         results.values().map(|r| r.runs.len()).sum::<usize>()
@@ -921,11 +1021,7 @@ fn report(results: &BTreeMap<String, Stats>, notes: &[String]) -> String {
         let Some(mode) = variant.strip_prefix("ublk-") else {
             continue;
         };
-        let base_name = if group.starts_with("null/") {
-            Kind::Null.baseline()
-        } else {
-            Kind::Loop.baseline()
-        };
+        let base_name = Kind::of_group(group).baseline();
         let base = results.get(&format!("{group}/{base_name}"));
         let fmt_opt = |v: Option<f64>, prec: usize| {
             v.map_or_else(|| "–".to_owned(), |x| format!("{x:.prec$}"))
@@ -1016,12 +1112,7 @@ fn peers(results: &BTreeMap<String, Stats>) -> String {
         std::env::var("UBLK_BENCH_PEERS").unwrap_or_else(|_| "Peers: not given".into())
     );
     for g in groups {
-        let base = if g.starts_with("null/") {
-            Kind::Null
-        } else {
-            Kind::Loop
-        }
-        .baseline();
+        let base = Kind::of_group(g).baseline();
         let kernel = results.get(&format!("{g}/{base}"));
         for (class, [ours, kublk, rublk]) in PEER_CLASSES {
             let get = |v: &str| results.get(&format!("{g}/{v}"));
@@ -1151,6 +1242,20 @@ fn targets(results: &BTreeMap<String, Stats>) -> String {
         best(&zc, "loop/read-1m-qd8-q1/ublk-default"),
         1.5,
     );
+    // The nbd target's targets: the kernel's NBD client on the same server.
+    for job in ["randread-4k-qd32-q1", "read-1m-qd8-q1"] {
+        let ids: Vec<String> = VARIANTS
+            .iter()
+            .filter(|v| v.server == Server::Ours)
+            .map(|v| format!("nbd/{job}/{}", v.name()))
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        at_least(
+            &format!("nbd {job} / kernel nbd"),
+            best(&ids, &format!("nbd/{job}/kernel_nbd")),
+            1.0,
+        );
+    }
     let mut at_most = |what: &str, got: Measured, want: f64| {
         let met = got.as_ref().is_some_and(|(v, _)| *v <= want);
         rows.push((what.to_owned(), got, format!("≤ {want} MiB"), met));
@@ -1234,7 +1339,7 @@ fn main() {
     let filter = Filter::from_args(&args);
     let list_only = args.iter().any(|a| a == "--list");
     if list_only {
-        for kind in [Kind::Null, Kind::Loop] {
+        for kind in [Kind::Null, Kind::Loop, Kind::Nbd] {
             for job in jobs() {
                 for v in VARIANTS
                     .iter()
@@ -1268,7 +1373,7 @@ fn main() {
             .chain([Kind::Loop.baseline().to_owned()])
             .any(|v| filter.matches(&bench_id(Kind::Loop, j, &v)))
     });
-    for kind in [Kind::Null, Kind::Loop] {
+    for kind in [Kind::Null, Kind::Loop, Kind::Nbd] {
         if kind == Kind::Loop && loop_wanted {
             if let Err(e) = make_backing() {
                 eprintln!("cannot write {BACKING}: {e}");

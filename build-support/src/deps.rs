@@ -42,6 +42,10 @@ pub const TEST_PACKAGES: &[&str] = &[
     "xfsprogs",
 ];
 
+/// Additional packages of `cargo xtask bench`: the kernel's NBD client
+/// (`nbd-client`, for `nbd.ko`), the baseline of the nbd rows.
+pub const BENCH_PACKAGES: &[&str] = &["nbd-client"];
+
 /// The installed version of `pkg`, according to dpkg.
 fn installed_version(pkg: &str) -> Option<String> {
     let o = Command::new("dpkg-query")

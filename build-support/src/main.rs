@@ -251,6 +251,7 @@ fn run(cli: Cli) -> Result<u8> {
             args,
         } => {
             deps::ensure_for_tests()?;
+            deps::ensure(deps::BENCH_PACKAGES)?;
             bench::run(&bench::BenchOptions {
                 suite: kernel,
                 timeout: Duration::from_secs(timeout),

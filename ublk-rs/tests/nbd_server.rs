@@ -59,6 +59,9 @@ fn unix_uri(export: &str, sock: &Path) -> NbdAddr {
     NbdAddr::parse_uri(&format!("nbd+unix:///{export}?socket={}", sock.display())).unwrap()
 }
 
+/// Holes of structured read replies [`exchange`] has zeroed.
+static HOLES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Sends `reqs` (a write's data is `data`) on `conn` and reads every reply
 /// with the reader the target uses: the results and the read data, by
 /// request.
@@ -82,6 +85,7 @@ fn exchange(conn: &mut Conn, reqs: &[RequestHeader], data: &[u8]) -> (Vec<i32>, 
                 conn.stream.read(b).unwrap()
             }
             Want::Zero { tag, at, len } => {
+                HOLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 bufs[usize::from(tag)][at as usize..(at + len) as usize].fill(0);
                 if let Some(rep) = reader.advance(0).unwrap() {
                     results[usize::from(rep.tag)] = Some(rep.result);
@@ -327,6 +331,102 @@ fn flushes_as_the_kernel_sends_them_reach_qemu_nbd_and_nbdkit() {
         let (results, bufs) = exchange(&mut conn, &reqs, &data);
         assert_eq!(results, [4096, 0, 0, 0, 4096], "{tool}");
         assert_eq!(bufs[4], data, "{tool}");
+    }
+    let _ = std::fs::remove_file(&img);
+}
+
+/// Structured replies where the server offers them: agreed with qemu-nbd
+/// and nbdkit, and the reader the target uses puts a read reply's data
+/// and holes (qemu-nbd sends a sparse image's unwritten parts as
+/// `NBD_REPLY_TYPE_OFFSET_HOLE`) where they belong; an error chunk is the
+/// request's error.
+#[test]
+fn structured_replies_with_data_and_holes() {
+    let dir = std::env::temp_dir();
+    let img = dir.join(format!("ublk-nbd-sparse-{}.img", std::process::id()));
+    // Sparse: every block is a hole until written.
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let qsock = sock_path("qemu-structured");
+    let nsock = sock_path("nbdkit-structured");
+    let servers = [
+        serve(
+            "qemu-nbd",
+            &[
+                "-k",
+                qsock.to_str().unwrap(),
+                "-f",
+                "raw",
+                "--persistent",
+                "-t",
+                img.to_str().unwrap(),
+            ],
+            &qsock,
+        )
+        .map(|s| (s, &qsock)),
+        serve(
+            "nbdkit",
+            &[
+                "-f",
+                "--exit-with-parent",
+                "-U",
+                nsock.to_str().unwrap(),
+                "memory",
+                "1M",
+            ],
+            &nsock,
+        )
+        .map(|s| (s, &nsock)),
+    ];
+    let asked = ConnectOptions {
+        structured: true,
+        ..ConnectOptions::default()
+    };
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+    for (_server, sock) in servers.iter().flatten() {
+        let mut conn = connect(&unix_uri("", sock), asked).unwrap();
+        assert!(
+            conn.structured,
+            "{} agreed to no structured replies",
+            sock.display()
+        );
+        let req = |cmd, handle, offset, len| RequestHeader {
+            flags: 0,
+            cmd,
+            handle,
+            offset,
+            len,
+        };
+        // 8 KiB written at 64 KiB; a read from 56 KiB to 80 KiB spans a
+        // hole, the data and a hole; a read past the end fails.
+        // The reads go once the write is answered: a server may serve the
+        // requests in flight in any order (qemu-nbd does).
+        let (results, _) = exchange(&mut conn, &[req(Cmd::Write, 0, 64 << 10, 8192)], &data);
+        assert_eq!(results, [8192], "{}", sock.display());
+        let reqs = [
+            req(Cmd::Read, 0, 56 << 10, 24 << 10),
+            req(Cmd::Read, 1, 2 << 20, 512),
+        ];
+        let holes = HOLES.load(std::sync::atomic::Ordering::Relaxed);
+        let (results, bufs) = exchange(&mut conn, &reqs, &data);
+        let holes = HOLES.load(std::sync::atomic::Ordering::Relaxed) - holes;
+        if *sock == &qsock {
+            assert!(holes >= 1, "qemu-nbd sent no hole");
+        }
+        assert_eq!(results[0], 24 << 10, "{}", sock.display());
+        assert!(results[1] < 0, "a read past the end: {}", results[1]);
+        let mut want = vec![0u8; 24 << 10];
+        want[8 << 10..16 << 10].copy_from_slice(&data);
+        let differ: Vec<usize> = (0..want.len()).filter(|&i| bufs[0][i] != want[i]).collect();
+        assert!(
+            differ.is_empty(),
+            "{}: {} read bytes differ, from byte {:?} to {:?}",
+            sock.display(),
+            differ.len(),
+            differ.first(),
+            differ.last()
+        );
     }
     let _ = std::fs::remove_file(&img);
 }

@@ -134,7 +134,14 @@ impl NbdServe {
     /// fails) and decides the queue count.
     pub fn open(a: &AddArgs) -> anyhow::Result<Self> {
         let addr = addr(a)?;
-        let copts = ConnectOptions::default();
+        // Structured replies where requests come in memory buffers (the
+        // copy modes): a hole in a read reply is zeroed there, which a
+        // zero-copy request's registered buffer cannot be.
+        let structured = !(a.dev.zero_copy || a.dev.auto_zc);
+        let copts = ConnectOptions {
+            structured,
+            ..ConnectOptions::default()
+        };
         let conn = connect(&addr, copts).map_err(|e| anyhow!("{e}"))?;
         let info = conn.info;
         if info.size < 512 {
@@ -165,6 +172,7 @@ impl NbdServe {
                 reconnect_timeout: (timeout > 0).then(|| Duration::from_secs(timeout)),
                 connect_timeout: copts.timeout,
                 status: Arc::default(),
+                structured,
             },
             queues,
             note,
@@ -178,8 +186,11 @@ impl NbdServe {
         let conn = match first {
             Some(c) => c,
             None => {
-                let c = connect(&self.addr, ConnectOptions::default())
-                    .map_err(std::io::Error::other)?;
+                let copts = ConnectOptions {
+                    structured: self.opts.structured,
+                    ..ConnectOptions::default()
+                };
+                let c = connect(&self.addr, copts).map_err(std::io::Error::other)?;
                 if c.info.size != self.info.size || c.info.flags != self.info.flags {
                     return Err(std::io::Error::other(format!(
                         "NBD server {}: a second connection shows another export",

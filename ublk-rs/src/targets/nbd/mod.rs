@@ -61,6 +61,12 @@ pub struct NbdOptions {
     pub connect_timeout: Duration,
     /// Shared status counters.
     pub status: Arc<NbdStatus>,
+    /// Ask a server that comes back for structured replies, as the first
+    /// connection did ([`ConnectOptions::structured`]). Only where
+    /// requests come in memory buffers: a hole in a structured read reply
+    /// is zeroed by the CPU, which a registered (zero-copy) buffer cannot
+    /// be, so such a read fails with EIO there.
+    pub structured: bool,
 }
 
 impl Default for NbdOptions {
@@ -69,6 +75,7 @@ impl Default for NbdOptions {
             reconnect_timeout: None,
             connect_timeout: Duration::from_secs(10),
             status: Arc::default(),
+            structured: false,
         }
     }
 }
@@ -496,7 +503,7 @@ impl NbdTarget {
                 .opts
                 .connect_timeout
                 .min(timeout.max(Duration::from_secs(1))),
-            structured: false,
+            structured: self.opts.structured,
         };
         loop {
             match connect(&self.addr, copts) {
@@ -512,6 +519,12 @@ impl NbdTarget {
                         ));
                     }
                     log::warn!("NBD {}: reconnected", self.addr);
+                    if c.structured != self.reader.structured() {
+                        // The server changed its mind (an upgrade, say): a
+                        // reader for the replies it will send. Drained, so
+                        // nothing is lost; the requests are expected again.
+                        *self.reader = ReplyReader::new(self.slots.len() as u16, c.structured);
+                    }
                     self.stream = c.stream;
                     self.info = c.info;
                     self.lost = false;

@@ -530,6 +530,11 @@ impl ReplyReader {
         }
     }
 
+    /// Whether structured replies are parsed (they were negotiated).
+    pub fn structured(&self) -> bool {
+        self.structured
+    }
+
     /// Registers the request `tag` sent with `hdr` (whose handle must be
     /// `tag`). Returns false if the tag is out of range or already in flight.
     pub fn expect(&mut self, tag: u16, hdr: &RequestHeader) -> bool {
