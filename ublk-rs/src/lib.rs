@@ -50,7 +50,7 @@
 //! against it alone; the engine ([`queue`], [`device`]) runs targets.
 //!
 //! `unsafe` lives in a few small modules: `pod` (byte views of UAPI
-//! structs), [`mem`] (mmaps), [`ctrl`] and [`queue`] (pushing SQEs that
+//! structs), [`mem`] (mmaps), [`shmem`] (registering shared memory), [`ctrl`] and [`queue`] (pushing SQEs that
 //! point at buffers), [`target`] (`Submit::push`, whose contract is the
 //! ring's) and the ready-made [`targets`] (pushing SQEs that point at the
 //! request's buffer, and socket SQEs into request buffers).
@@ -66,6 +66,7 @@ pub mod mem;
 pub mod params;
 mod pod;
 pub mod queue;
+pub mod shmem;
 pub mod size;
 mod stop;
 pub mod target;
@@ -83,7 +84,9 @@ pub use queue::{CopyMode, Queue, QueueStats};
 pub use rustix::io::Errno;
 pub use size::{parse_size, SizeError};
 pub use stop::{SignalStop, StopHandle};
-pub use target::{Handled, IoBuf, IoDesc, IoFlags, Op, Request, Submit, Target};
+pub use target::{
+    Handled, IoBuf, IoDesc, IoFlags, Op, Request, ShmemMap, ShmemRegion, Submit, Target,
+};
 pub use targets::{file_entry, FaultInject, FileTarget, StripeTarget};
 
 /// Signal numbers for [`Device::stop_on_signals`] (`signal::SIGINT`, …).

@@ -38,6 +38,30 @@ pub(crate) struct Mmap {
 unsafe impl Send for Mmap {}
 
 impl Mmap {
+    /// The first `len` bytes of `fd`, a shared mapping (writable unless
+    /// `read_only`), faulted in at once: memory a server shares with other
+    /// processes and registers for shared-memory zero copy.
+    pub(crate) fn shared_file(fd: impl AsFd, len: usize, read_only: bool) -> io::Result<Self> {
+        let prot = if read_only {
+            ProtFlags::READ
+        } else {
+            ProtFlags::READ | ProtFlags::WRITE
+        };
+        // SAFETY: a fresh mapping at an address the kernel chooses; nothing
+        // else refers to that range.
+        let addr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                MapFlags::SHARED | MapFlags::POPULATE,
+                fd,
+                0,
+            )
+        }?;
+        Self::owning(addr, len)
+    }
+
     /// `len` bytes of `fd` from `offset`, shared with the kernel, read-only,
     /// faulted in at once.
     fn shared_read_only(fd: impl AsFd, offset: u64, len: usize) -> io::Result<Self> {
@@ -79,13 +103,13 @@ impl Mmap {
 
     /// The first byte.
     #[inline]
-    fn as_ptr(&self) -> *mut u8 {
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
         self.addr.as_ptr()
     }
 
     /// The mapped length in bytes.
     #[inline]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 }

@@ -160,6 +160,85 @@ pub enum IoBuf<'a> {
     None,
 }
 
+/// The shared-memory buffers registered for zero copy (`UBLK_F_SHMEM_ZC`),
+/// by the index the kernel gave each: where a target finds the bytes of a
+/// request that arrives as [`IoBuf::Shmem`]. The server fills it while the
+/// device runs ([`crate::shmem::ShmemBuffer::register`], then
+/// [`ShmemMap::insert`]); the queue threads read it. Regions are never
+/// removed, and each keeps its mapping alive, so an address handed out
+/// stays valid as long as the map.
+#[derive(Debug, Default)]
+pub struct ShmemMap {
+    regions: std::sync::RwLock<Vec<ShmemRegion>>,
+}
+
+impl ShmemMap {
+    /// Adds `region` (a later one with the same index shadows nothing: the
+    /// first found is used, and the kernel does not reuse a live index).
+    pub fn insert(&self, region: ShmemRegion) {
+        if let Ok(mut r) = self.regions.write() {
+            r.push(region);
+        }
+    }
+
+    /// The address of `len` bytes at `offset` in buffer `index`, if the map
+    /// has that buffer and the range lies inside it.
+    pub fn resolve(&self, index: u16, offset: u32, len: usize) -> Option<*mut u8> {
+        let regions = self.regions.read().ok()?;
+        let r = regions.iter().find(|r| r.index == index)?;
+        let end = (offset as usize).checked_add(len)?;
+        // Inside the mapping: the pointer arithmetic stays in bounds.
+        (end <= r.len).then(|| r.addr.as_ptr().wrapping_add(offset as usize))
+    }
+}
+
+/// One registered shared-memory buffer: its index, where it is mapped in
+/// this process, and what keeps it mapped.
+#[derive(Clone)]
+pub struct ShmemRegion {
+    index: u16,
+    addr: std::ptr::NonNull<u8>,
+    len: usize,
+    _owner: std::sync::Arc<dyn Send + Sync>,
+}
+
+impl ShmemRegion {
+    /// Buffer `index` at `addr`, `len` bytes.
+    ///
+    /// # Safety
+    /// `addr..addr + len` must be memory of this process that stays mapped
+    /// (and is nothing but this buffer) as long as `owner` lives.
+    pub unsafe fn new(
+        index: u16,
+        addr: std::ptr::NonNull<u8>,
+        len: usize,
+        owner: std::sync::Arc<dyn Send + Sync>,
+    ) -> Self {
+        Self {
+            index,
+            addr,
+            len,
+            _owner: owner,
+        }
+    }
+}
+
+// SAFETY: the address is only handed out as a raw pointer (for SQEs), and
+// the owner that keeps the memory mapped is itself Send + Sync.
+unsafe impl Send for ShmemRegion {}
+// SAFETY: as for Send; nothing is read or written through `&self`.
+unsafe impl Sync for ShmemRegion {}
+
+impl std::fmt::Debug for ShmemRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmemRegion")
+            .field("index", &self.index)
+            .field("addr", &self.addr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 /// One request handed to a [`Target`].
 #[derive(Debug)]
 pub struct Request<'a> {

@@ -270,6 +270,20 @@ pub struct DevOptions {
     #[arg(long = "no_ublk_fixed_fd", alias = "no-ublk-fixed-fd")]
     #[serde(default)]
     pub no_ublk_fixed_fd: bool,
+    /// Shared-memory zero copy (UBLK_F_SHMEM_ZC): requests whose pages lie
+    /// in a buffer the server registered (--htlb) are served in place.
+    #[arg(long = "shmem_zc", alias = "shmem-zc")]
+    #[serde(default)]
+    pub shmem_zc: bool,
+    /// With --shmem_zc: map FILE (on hugetlbfs, say) and register it; the
+    /// program doing I/O maps the same file (fio --mem=mmaphuge:FILE).
+    #[arg(long = "htlb", value_name = "FILE")]
+    #[serde(default)]
+    pub htlb: Option<PathBuf>,
+    /// With --htlb: register the buffer read-only (UBLK_SHMEM_BUF_READ_ONLY).
+    #[arg(long = "rdonly_shmem_buf", alias = "rdonly-shmem-buf")]
+    #[serde(default)]
+    pub rdonly_shmem_buf: bool,
     /// DMA alignment mask of the disk's buffers, 2^n - 1
     /// (UBLK_PARAM_TYPE_DMA_ALIGN; decimal or 0x hex; null: default 4095,
     /// as kublk).

@@ -156,6 +156,7 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
         (a.dev.unprivileged, Features::UNPRIVILEGED_DEV),
         (a.dev.no_auto_part_scan, Features::NO_AUTO_PART_SCAN),
         (a.dev.batch, Features::BATCH_IO),
+        (a.dev.shmem_zc, Features::SHMEM_ZC),
     ] {
         if on {
             flags |= f;
@@ -283,6 +284,7 @@ fn target_kind(a: &AddArgs) -> anyhow::Result<TargetKind> {
 fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
     let kind = target_kind(a)?;
     check_target_options(a, kind)?;
+    check_shmem_options(a, kind)?;
     if kind == TargetKind::Nbd {
         crate::nbd::addr(a)?;
         if a.dev.size.is_some() {
@@ -361,6 +363,44 @@ fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Shared-memory zero copy: `--htlb` needs `--shmem_zc`,
+/// `--rdonly_shmem_buf` needs `--htlb`, and the targets that serve it are
+/// null and loop (fault_inject over either).
+fn check_shmem_options(a: &AddArgs, kind: TargetKind) -> anyhow::Result<()> {
+    if a.dev.htlb.is_some() && !a.dev.shmem_zc {
+        return Err(usage("--htlb needs --shmem_zc"));
+    }
+    if a.dev.rdonly_shmem_buf && a.dev.htlb.is_none() {
+        return Err(usage("--rdonly_shmem_buf needs --htlb FILE"));
+    }
+    if a.dev.shmem_zc && matches!(kind, TargetKind::Stripe | TargetKind::Nbd) {
+        return Err(usage(
+            "--shmem_zc works with -t null, loop and fault_inject",
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the `--htlb` file (as `--rdonly_shmem_buf` asks), refusing an
+/// empty one.
+fn open_htlb(a: &AddArgs) -> anyhow::Result<Option<File>> {
+    let Some(path) = &a.dev.htlb else {
+        return Ok(None);
+    };
+    let f = File::options()
+        .read(true)
+        .write(!a.dev.rdonly_shmem_buf)
+        .open(path)
+        .with_context(|| format!("--htlb {}", path.display()))?;
+    if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+        bail!(
+            "--htlb {}: the file is empty (give it a size, e.g. fallocate -l 4M)",
+            path.display()
+        );
+    }
+    Ok(Some(f))
+}
+
 /// Refuses the options of one target given to another.
 fn check_target_options(a: &AddArgs, kind: TargetKind) -> anyhow::Result<()> {
     let t = &a.target_opts;
@@ -435,6 +475,7 @@ fn stripe_size(a: &AddArgs, backings: &[Backing]) -> anyhow::Result<u64> {
 fn precheck(a: &AddArgs, recover: bool) -> anyhow::Result<()> {
     check_arguments(a)?;
     drop(open_backings(a, target_kind(a)?)?);
+    drop(open_htlb(a)?);
     let ctrl = open_control()?;
     let (b, _) = builder(a, ctrl.features())?;
     ctrl.require(b.requested_flags(ctrl.features()))?;
@@ -657,6 +698,7 @@ fn serve(
     };
     let (builder, mode) = builder(a, ctrl.features())?;
     let backings = open_backings(a, kind)?;
+    let htlb = open_htlb(a)?;
     let size = match (kind, backings.first()) {
         (TargetKind::Stripe, _) => stripe_size(a, &backings)?,
         (_, Some(b)) => b.size,
@@ -763,7 +805,31 @@ fn serve(
     let shared: Vec<Arc<File>> = backings.into_iter().map(|b| Arc::new(b.file)).collect();
     let read_only = a.dev.read_only;
     let unprivileged = dev.info().flags().contains(Features::UNPRIVILEGED_DEV);
+    // Shared-memory zero copy: the --htlb buffer, registered once the
+    // device is live (as kublk does), where the loop target finds it.
+    let shmem = Arc::new(ublk::ShmemMap::default());
+    let shmem_failed = std::sync::Mutex::new(None::<String>);
+    let stop = dev.stop_handle();
     let on_live = |info: &DevInfo, queues: &[ublk::QueueInfo]| {
+        if let (Some(f), Some(path)) = (&htlb, &a.dev.htlb) {
+            match ublk::shmem::ShmemBuffer::register(
+                Arc::clone(&ctrl),
+                info.id(),
+                f,
+                a.dev.rdonly_shmem_buf,
+            ) {
+                Ok(b) => shmem.insert(b.region()),
+                Err(e) => {
+                    if let Ok(mut m) = shmem_failed.lock() {
+                        *m = Some(format!("--htlb {}: {e}", path.display()));
+                    }
+                    if let Err(e) = stop.stop() {
+                        log::warn!("device {}: {e}", info.id());
+                    }
+                    return;
+                }
+            }
+        }
         // Before anyone is told the device is live, so that its first I/O
         // already goes through the chosen scheduler. A recovered device
         // keeps the one it had.
@@ -840,6 +906,14 @@ fn serve(
         StartKind::Start
     };
     let faults = &a.target_opts;
+    let loop_over = |file: &Arc<File>| {
+        let t = loop_target(Arc::clone(file), read_only);
+        if a.dev.shmem_zc {
+            t.shmem(Arc::clone(&shmem))
+        } else {
+            t
+        }
+    };
     let make_target = |q| -> std::io::Result<AnyTarget> {
         if let Some(n) = &nbd {
             return Ok(AnyTarget::Nbd(n.target(depth)?));
@@ -848,26 +922,28 @@ fn serve(
             (TargetKind::Stripe, _) => {
                 AnyTarget::Stripe(stripe_target(&shared, &a.target_opts, depth)?)
             }
-            (TargetKind::FaultInject, Some(file)) => AnyTarget::FaultLoop(fault_inject(
-                loop_target(Arc::clone(file), read_only),
-                faults,
-                q,
-            )?),
+            (TargetKind::FaultInject, Some(file)) => {
+                AnyTarget::FaultLoop(fault_inject(loop_over(file), faults, q)?)
+            }
             (TargetKind::FaultInject, None) => {
                 AnyTarget::FaultNull(fault_inject(NullTarget, faults, q)?)
             }
-            (_, Some(file)) => AnyTarget::Loop(loop_target(Arc::clone(file), read_only)),
+            (_, Some(file)) => AnyTarget::Loop(loop_over(file)),
             (_, None) => AnyTarget::Null(NullTarget),
         })
     };
     let result = dev.run(start, make_target, on_live);
+    if let Some(msg) = shmem_failed.lock().ok().and_then(|mut m| m.take()) {
+        return Err(anyhow!(msg));
+    }
     if let Ok(stats) = &result {
         for (q, st) in stats.iter().enumerate() {
             let per_enter = |n: u64| n as f64 / st.enters.max(1) as f64;
             log::info!(
-                "queue {q}: {} requests ({} failed), {} io_uring_enter calls, {:.2} SQEs and {:.2} CQEs per call",
+                "queue {q}: {} requests ({} failed, {} in shared memory), {} io_uring_enter calls, {:.2} SQEs and {:.2} CQEs per call",
                 st.requests,
                 st.errors,
+                st.shmem_zc,
                 st.enters,
                 per_enter(st.submitted),
                 per_enter(st.completions)

@@ -431,6 +431,49 @@ fn argument_checks_come_before_the_driver_check() {
 }
 
 #[test]
+fn shmem_zero_copy_options_are_checked() {
+    for (args, line) in [
+        (
+            &["add", "-t", "null", "--htlb", "/dev/hugepages/buf"][..],
+            "ublk: --htlb needs --shmem_zc",
+        ),
+        (
+            &["add", "-t", "null", "--shmem_zc", "--rdonly_shmem_buf"],
+            "ublk: --rdonly_shmem_buf needs --htlb FILE",
+        ),
+        (
+            &["add", "-t", "stripe", "--shmem_zc", "a", "b"],
+            "ublk: --shmem_zc works with -t null, loop and fault_inject",
+        ),
+    ] {
+        refused(UBLK, args, 2, line);
+    }
+    // The buffer file is opened before the driver is asked.
+    let s = Scratch::new("htlb");
+    let missing = s.0.join("missing");
+    let empty = s.0.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    for (file, why) in [
+        (
+            &missing,
+            "No such file or directory (os error 2)".to_owned(),
+        ),
+        (
+            &empty,
+            "the file is empty (give it a size, e.g. fallocate -l 4M)".to_owned(),
+        ),
+    ] {
+        let f = file.to_str().unwrap();
+        refused(
+            UBLK,
+            &["add", "-t", "null", "--shmem_zc", "--htlb", f],
+            1,
+            &format!("ublk: --htlb {f}: {why}"),
+        );
+    }
+}
+
+#[test]
 fn stripe_and_fault_inject_options_are_checked() {
     for (args, line) in [
         (

@@ -324,3 +324,91 @@ fn die_during_fetch_exits_and_leaves_nothing() {
     assert!(daemons().is_empty(), "{:?}", daemons());
     assert!(state_files().is_empty(), "{:?}", state_files());
 }
+
+/// Shared-memory zero copy from a hugetlbfs buffer (kublk's `--shmem_zc
+/// --htlb FILE`): fio takes its buffers from the same file and verifies
+/// what it wrote, on loop, and on null with the buffer registered
+/// read-only; the daemon's statistics show requests served in place.
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn shmem_zero_copy_from_a_hugetlbfs_buffer() {
+    if skip("shmem_zero_copy_from_a_hugetlbfs_buffer", "UBLK_F_SHMEM_ZC") {
+        return;
+    }
+    let _cleanup = Cleanup;
+    let old_pages = sh("cat /proc/sys/vm/nr_hugepages");
+    sh("echo 10 > /proc/sys/vm/nr_hugepages");
+    let pages: u32 = sh("cat /proc/sys/vm/nr_hugepages")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    if pages < 2 {
+        println!("SKIP: shmem zero copy: no huge pages ({pages} allocated)");
+        sh(&format!(
+            "echo {} > /proc/sys/vm/nr_hugepages",
+            old_pages.trim()
+        ));
+        return;
+    }
+    let mnt = scratch().join("htlb");
+    std::fs::create_dir_all(&mnt).unwrap();
+    sh(&format!("mount -t hugetlbfs none {}", mnt.display()));
+    let buf = mnt.join("ublk_buf");
+    sh(&format!("fallocate -l 4M {}", buf.display()));
+    let img = image("shmem.img", "64M");
+    let log = Path::new("/run/ublk/daemon.log");
+    let cases: [(&str, Vec<&str>); 2] = [
+        ("loop", vec![img.to_str().unwrap()]),
+        ("null", vec!["--rdonly_shmem_buf"]),
+    ];
+    for (target, extra) in cases {
+        let before = std::fs::read_to_string(log).map_or(0, |l| l.len());
+        let mut args = vec![
+            bin().to_owned(),
+            "add".into(),
+            "-t".into(),
+            target.into(),
+            "--shmem_zc".into(),
+            "--htlb".into(),
+            buf.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        // The daemon logs its per-queue statistics at info level.
+        let id = first_id(&sh(&format!("RUST_LOG=info {}", args.join(" "))));
+        let dev = format!("/dev/ublkb{id}");
+        let fio = format!(
+            "fio --name=shm --filename={dev} --direct=1 --ioengine=io_uring --rw=randwrite \
+             --bs=4k --size=4M --iodepth=32 --mem=mmaphuge:{} --output-format=terse \
+             --terse-version=3",
+            buf.display()
+        );
+        if target == "loop" {
+            sh(&format!(
+                "{fio} --verify=crc32c --verify_fatal=1 --do_verify=1 | awk -F';' '{{ if ($5 != 0) exit 1 }}'"
+            ));
+        } else {
+            sh(&format!("{fio} | awk -F';' '{{ if ($5 != 0) exit 1 }}'"));
+        }
+        ok(&["del", "-n", &id.to_string()]);
+        wait_until("the daemon to log its statistics", 10, || {
+            std::fs::read_to_string(log)
+                .is_ok_and(|l| l[before.min(l.len())..].contains("in shared memory"))
+        });
+        let text = std::fs::read_to_string(log).unwrap();
+        let in_place: u64 = text[before..]
+            .split(" in shared memory")
+            .filter_map(|part| part.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert!(
+            in_place > 0,
+            "{target}: no request was served in shared memory:\n{}",
+            &text[before..]
+        );
+    }
+    let _ = std::fs::remove_file(&buf);
+    sh(&format!("umount {}", mnt.display()));
+    sh(&format!(
+        "echo {} > /proc/sys/vm/nr_hugepages",
+        old_pages.trim()
+    ));
+}

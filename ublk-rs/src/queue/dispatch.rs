@@ -322,6 +322,11 @@ impl Queue<'_> {
         }
         self.stats.requests += 1;
         self.stats.errors += u64::from(res < 0);
+        self.stats.shmem_zc += u64::from(
+            state
+                .desc
+                .is_some_and(|d| d.flags.contains(IoFlags::SHMEM_ZC)),
+        );
         if self.batch.is_some() {
             self.batch_finish(io, res);
             return;

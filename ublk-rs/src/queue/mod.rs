@@ -189,6 +189,9 @@ pub struct QueueStats {
     pub requests: u64,
     /// Requests completed with an error.
     pub errors: u64,
+    /// Requests whose data was in registered shared memory
+    /// (`UBLK_IO_F_SHMEM_ZC`): served in place, copied by nobody.
+    pub shmem_zc: u64,
     /// `io_uring_enter` calls of the run loop (each submits and waits).
     pub enters: u64,
     /// SQEs those calls submitted.

@@ -2,10 +2,11 @@
 //! [`file_entry`], the SQE it serves each request with.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
-use crate::target::{Handled, IoBuf, IoFlags, Op, Request, Submit, Target};
+use crate::target::{Handled, IoBuf, IoFlags, Op, Request, ShmemMap, Submit, Target};
 
 /// The io_uring operation that serves `req` from a file or block device
 /// registered in the queue ring as fixed file `file` (what a loop-style
@@ -71,7 +72,9 @@ pub fn file_entry(file: types::Fixed, req: &mut Request<'_>) -> Option<io_uring:
 /// block device with [`file_entry`], asynchronously on the queue's ring
 /// (the file is the queue ring's fixed file 1). Operations a file cannot do
 /// complete with `-EOPNOTSUPP`; with [`FileTarget::read_only`], writes,
-/// discards and write-zeroes complete with `-EROFS`.
+/// discards and write-zeroes complete with `-EROFS`. With
+/// [`FileTarget::shmem`], requests in registered shared memory
+/// ([`IoBuf::Shmem`]) are read and written in place.
 ///
 /// `F` is anything holding the fd: a `File`, an `OwnedFd`, or an
 /// `Arc<File>` shared by the queues.
@@ -79,6 +82,7 @@ pub fn file_entry(file: types::Fixed, req: &mut Request<'_>) -> Option<io_uring:
 pub struct FileTarget<F> {
     file: F,
     read_only: bool,
+    shmem: Option<Arc<ShmemMap>>,
 }
 
 impl<F: AsFd> FileTarget<F> {
@@ -90,7 +94,15 @@ impl<F: AsFd> FileTarget<F> {
         Self {
             file,
             read_only: false,
+            shmem: None,
         }
+    }
+
+    /// Serves requests in shared memory (`UBLK_F_SHMEM_ZC`) from the
+    /// buffers of `map` (others complete with `-EIO`).
+    pub fn shmem(mut self, map: Arc<ShmemMap>) -> Self {
+        self.shmem = Some(map);
+        self
     }
 
     /// Refuses everything that would change the file.
@@ -113,13 +125,40 @@ impl<F: AsFd> Target for FileTarget<F> {
         if self.read_only && matches!(req.desc.op, Op::Write | Op::Discard | Op::WriteZeroes) {
             return Handled::Done(-libc::EROFS);
         }
-        let Some(entry) = file_entry(Self::FIXED, &mut req) else {
-            return Handled::Done(-libc::EOPNOTSUPP);
+        let entry = match (req.desc.op, &req.buf) {
+            (Op::Read | Op::Write, IoBuf::Shmem { index, offset }) => {
+                let d = req.desc;
+                let len = d.len();
+                let Some(p) = self
+                    .shmem
+                    .as_ref()
+                    .and_then(|m| m.resolve(*index, *offset, len))
+                else {
+                    return Handled::Done(-libc::EIO);
+                };
+                let len = len as u32;
+                if d.op == Op::Read {
+                    opcode::Read::new(Self::FIXED, p, len)
+                        .offset(d.offset())
+                        .build()
+                } else {
+                    let fua = d.flags.contains(IoFlags::FUA);
+                    opcode::Write::new(Self::FIXED, p, len)
+                        .offset(d.offset())
+                        .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                        .build()
+                }
+            }
+            _ => match file_entry(Self::FIXED, &mut req) {
+                Some(e) => e,
+                None => return Handled::Done(-libc::EOPNOTSUPP),
+            },
         };
         // SAFETY: the entry points at the request's buffer, which stays
         // valid until the request completes, and that happens only after
-        // this entry's CQE has reached `complete`; or at a registered
-        // buffer index, or at nothing.
+        // this entry's CQE has reached `complete`; or into a shared buffer
+        // of `self.shmem`, which stays mapped as long as the map (held
+        // here); or at a registered buffer index, or at nothing.
         match unsafe { sub.push(0, entry) } {
             Ok(()) => Handled::Queued,
             Err(e) => Handled::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
