@@ -275,9 +275,10 @@ pub struct DevOptions {
     #[arg(long = "shmem_zc", alias = "shmem-zc")]
     #[serde(default)]
     pub shmem_zc: bool,
-    /// With --shmem_zc: map FILE (on hugetlbfs, say) and register it; the
-    /// program doing I/O maps the same file (fio --mem=mmaphuge:FILE).
-    #[arg(long = "htlb", value_name = "FILE")]
+    /// With --shmem_zc: map the file at PATH (on hugetlbfs, say) and
+    /// register it; the program doing I/O maps the same file (fio
+    /// --mem=mmaphuge:PATH).
+    #[arg(long = "htlb", value_name = "PATH")]
     #[serde(default)]
     pub htlb: Option<PathBuf>,
     /// With --htlb: register the buffer read-only (UBLK_SHMEM_BUF_READ_ONLY).

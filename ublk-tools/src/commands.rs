@@ -371,7 +371,7 @@ fn check_shmem_options(a: &AddArgs, kind: TargetKind) -> anyhow::Result<()> {
         return Err(usage("--htlb needs --shmem_zc"));
     }
     if a.dev.rdonly_shmem_buf && a.dev.htlb.is_none() {
-        return Err(usage("--rdonly_shmem_buf needs --htlb FILE"));
+        return Err(usage("--rdonly_shmem_buf needs --htlb PATH"));
     }
     if a.dev.shmem_zc && matches!(kind, TargetKind::Stripe | TargetKind::Nbd) {
         return Err(usage(

@@ -439,7 +439,7 @@ fn shmem_zero_copy_options_are_checked() {
         ),
         (
             &["add", "-t", "null", "--shmem_zc", "--rdonly_shmem_buf"],
-            "ublk: --rdonly_shmem_buf needs --htlb FILE",
+            "ublk: --rdonly_shmem_buf needs --htlb PATH",
         ),
         (
             &["add", "-t", "stripe", "--shmem_zc", "a", "b"],
