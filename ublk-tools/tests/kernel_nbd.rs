@@ -480,25 +480,37 @@ fn a_malformed_reply_fails_the_request_not_the_daemon() {
         let (mut s, _) = l.accept().unwrap();
         s.write_all(&greeting()).unwrap();
         let mut buf = [0u8; 4096];
-        // Client flags, then NBD_OPT_GO: answer with the export (1 MiB,
-        // no multi-conn, no partition scan worth doing) and ACK.
-        let mut opt = [0u8; 4 + 16];
-        s.read_exact(&mut opt).unwrap();
-        let len = u32::from_be_bytes(opt[16..20].try_into().unwrap()) as usize;
-        s.read_exact(&mut buf[..len]).unwrap();
-        let reply = |kind: u32, data: &[u8]| {
+        // Client flags, then options: NBD_OPT_STRUCTURED_REPLY is declined
+        // (simple replies, then), NBD_OPT_GO answered with the export
+        // (1 MiB, no multi-conn, no partition scan worth doing) and ACK.
+        let reply = |opt: u32, kind: u32, data: &[u8]| {
             let mut v = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
-            v.extend_from_slice(&7u32.to_be_bytes());
+            v.extend_from_slice(&opt.to_be_bytes());
             v.extend_from_slice(&kind.to_be_bytes());
             v.extend_from_slice(&(data.len() as u32).to_be_bytes());
             v.extend_from_slice(data);
             v
         };
-        let mut info = 0u16.to_be_bytes().to_vec();
-        info.extend_from_slice(&(1u64 << 20).to_be_bytes());
-        info.extend_from_slice(&1u16.to_be_bytes());
-        s.write_all(&reply(3, &info)).unwrap();
-        s.write_all(&reply(1, &[])).unwrap();
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).unwrap();
+        loop {
+            let mut opt = [0u8; 16];
+            s.read_exact(&mut opt).unwrap();
+            let code = u32::from_be_bytes(opt[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(opt[12..16].try_into().unwrap()) as usize;
+            s.read_exact(&mut buf[..len]).unwrap();
+            if code != 7 {
+                // NBD_REP_ERR_UNSUP.
+                s.write_all(&reply(code, 0x8000_0001, &[])).unwrap();
+                continue;
+            }
+            let mut info = 0u16.to_be_bytes().to_vec();
+            info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+            info.extend_from_slice(&1u16.to_be_bytes());
+            s.write_all(&reply(7, 3, &info)).unwrap();
+            s.write_all(&reply(7, 1, &[])).unwrap();
+            break;
+        }
         // Every request gets a reply with a bad magic.
         while s.read(&mut buf).is_ok_and(|n| n > 0) {
             let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
