@@ -705,8 +705,13 @@ fn add_del_cycles(n: u32, args: &[&str]) {
         (daemon_ten.fds, daemon_ten.threads),
         "the daemon's fds and threads after 10 cycles: {daemon_ten:?}; after {n}: {daemon_last:?}"
     );
+    // Each cycle is a fresh daemon: what it holds resident beyond its code
+    // is the I/O buffers (512 KiB each) that the new disk's first reads
+    // (partition scan, udev's probes) happened to touch, four or so more
+    // in one cycle than another (2 MiB was seen on 6.12). Growth past that
+    // is something the cycles accumulate.
     assert!(
-        daemon_last.rss_kib <= daemon_ten.rss_kib + 1024,
+        daemon_last.rss_kib <= daemon_ten.rss_kib + 4096,
         "the daemon's RSS after 10 cycles: {daemon_ten:?}; after {n}: {daemon_last:?}"
     );
     let settle = Instant::now();
