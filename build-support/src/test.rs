@@ -245,6 +245,9 @@ fn publish_dry_run(ws: &Workspace, rows: &mut Vec<Row>) {
     if let Some(home) = cargo_home {
         forget_unpacked_own_packages(&home.join("registry/src"), &OWN_PACKAGES);
     }
+    // And what it built of them: cargo takes a registry crate of the same
+    // version to be unchanged, so the dependents would link the old build.
+    let _ = std::fs::remove_dir_all(ws.target_dir.join("package"));
     cargo_step(ws, "cargo publish --dry-run", &PUBLISH_DRY_RUN, &[], rows);
 }
 
