@@ -245,10 +245,22 @@ fn publish_dry_run(ws: &Workspace, rows: &mut Vec<Row>) {
     if let Some(home) = cargo_home {
         forget_unpacked_own_packages(&home.join("registry/src"), &OWN_PACKAGES);
     }
-    // And what it built of them: cargo takes a registry crate of the same
-    // version to be unchanged, so the dependents would link the old build.
-    let _ = std::fs::remove_dir_all(ws.target_dir.join("package"));
-    cargo_step(ws, "cargo publish --dry-run", &PUBLISH_DRY_RUN, &[], rows);
+    // And what it built of them: cargo takes a registry crate of one
+    // version to be unchanged and would link the dependents against the
+    // old build, so the dry run builds in a target directory of its own,
+    // fresh each time.
+    let dir = ws.target_dir.join("publish-dry-run");
+    let _ = std::fs::remove_dir_all(&dir);
+    match dir.to_str() {
+        Some(d) => cargo_step(
+            ws,
+            "cargo publish --dry-run",
+            &PUBLISH_DRY_RUN,
+            &[("CARGO_TARGET_DIR", d)],
+            rows,
+        ),
+        None => cargo_step(ws, "cargo publish --dry-run", &PUBLISH_DRY_RUN, &[], rows),
+    }
 }
 
 /// The workspace's publishable packages.
