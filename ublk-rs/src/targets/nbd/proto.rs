@@ -509,6 +509,9 @@ enum State {
 #[derive(Debug)]
 pub struct ReplyReader {
     pending: Vec<Pending>,
+    /// How many of `pending` are active: [`ReplyReader::busy`] is asked
+    /// after every socket completion, so it must not scan the tags.
+    in_flight: usize,
     hdr: [u8; 32],
     have: usize,
     state: State,
@@ -521,6 +524,7 @@ impl ReplyReader {
     pub fn new(depth: u16, structured: bool) -> Self {
         Self {
             pending: vec![Pending::default(); usize::from(depth)],
+            in_flight: 0,
             hdr: [0; 32],
             have: 0,
             state: State::Header {
@@ -550,6 +554,7 @@ impl ReplyReader {
                     got: 0,
                     chunks: false,
                 };
+                self.in_flight += 1;
                 true
             }
             _ => false,
@@ -558,7 +563,7 @@ impl ReplyReader {
 
     /// Whether any request waits for its reply.
     pub fn busy(&self) -> bool {
-        self.pending.iter().any(|p| p.active)
+        self.in_flight > 0
     }
 
     /// Tags still waiting for their replies; forgets them and restarts
@@ -568,12 +573,14 @@ impl ReplyReader {
         self.state = State::Header {
             need: SIMPLE_REPLY_LEN,
         };
+        let in_flight = &mut self.in_flight;
         self.pending
             .iter_mut()
             .enumerate()
             .filter(|(_, p)| p.active)
-            .map(|(t, p)| {
+            .map(move |(t, p)| {
                 p.active = false;
+                *in_flight -= 1;
                 t as u16
             })
     }
@@ -622,7 +629,10 @@ impl ReplyReader {
             need: SIMPLE_REPLY_LEN,
         };
         let p = &mut self.pending[usize::from(tag)];
-        p.active = false;
+        if p.active {
+            p.active = false;
+            self.in_flight -= 1;
+        }
         let result = if p.error != 0 {
             -p.error
         } else if p.read && p.chunks && p.got != p.len {
@@ -1114,6 +1124,29 @@ mod tests {
         r.expect(3, &req(Cmd::Read, 3, 0, 8));
         let drained: Vec<u16> = r.drain().collect();
         assert_eq!(drained, [3]);
+        assert!(!r.busy());
+    }
+
+    #[test]
+    fn busy_counts_the_requests_in_flight() {
+        let mut bufs = vec![vec![0u8; 8]; 4];
+        let mut r = ReplyReader::new(4, false);
+        assert!(!r.busy());
+        assert!(r.expect(0, &req(Cmd::Flush, 0, 0, 0)));
+        assert!(r.expect(1, &req(Cmd::Flush, 1, 0, 0)));
+        // A tag already in flight is refused and not counted twice.
+        assert!(!r.expect(1, &req(Cmd::Flush, 1, 0, 0)));
+        assert!(r.expect(2, &req(Cmd::Read, 2, 0, 8)));
+        assert_eq!(feed(&mut r, &mut bufs, &simple(0, 1), 64).unwrap().len(), 1);
+        assert!(r.busy(), "two are still in flight");
+        assert_eq!(feed(&mut r, &mut bufs, &simple(0, 0), 64).unwrap().len(), 1);
+        assert!(r.busy(), "the read is still in flight");
+        // A drain that stops half-way leaves the rest counted.
+        assert_eq!(r.drain().next(), Some(2));
+        assert!(!r.busy());
+        assert!(r.expect(3, &req(Cmd::Read, 3, 0, 8)));
+        assert!(r.busy());
+        assert_eq!(r.drain().count(), 1);
         assert!(!r.busy());
     }
 
