@@ -10,10 +10,10 @@
 //! request's buffer (its memory, or its registered buffer in the zero-copy
 //! modes) — never through a blocking thread.
 //!
-//! One connection carries many requests: sends are serialised (a request's
-//! header and data go out whole before the next's), and one receive at a
-//! time follows the reply stream ([`proto::ReplyReader`] says where the
-//! next bytes go).
+//! One connection carries many requests: one send at a time carries the
+//! bytes of every request waiting, in order (a request's header and data
+//! go out whole before the next's), and one receive at a time follows the
+//! reply stream ([`proto::ReplyReader`] says where the next bytes go).
 //!
 //! When the connection breaks, the requests in flight are not lost: with a
 //! reconnect timeout ([`NbdOptions::reconnect_timeout`]) the queue
