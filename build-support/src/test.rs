@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -82,6 +82,8 @@ struct Row {
     kernel: String,
     binary: String,
     result: String,
+    /// How long it took, where measured (seconds).
+    secs: Option<u64>,
 }
 
 /// A test that printed `SKIP: reason` (it did not run, or not all of it).
@@ -150,6 +152,7 @@ fn host_tests(ws: &Workspace, rows: &mut Vec<Row>, skips: &mut Vec<Skip>) {
     cmd.args(["test", "--workspace", "--", "--show-output"])
         .current_dir(&ws.root);
     eprintln!("+ {}", util::describe(&cmd));
+    let started = Instant::now();
     let result = match run_shown(&mut cmd) {
         Ok((ok, text)) => {
             skips.extend(parse_skips(&text).into_iter().map(|(test, reason)| Skip {
@@ -173,6 +176,7 @@ fn host_tests(ws: &Workspace, rows: &mut Vec<Row>, skips: &mut Vec<Skip>) {
         kernel: "host".into(),
         binary: label.into(),
         result: result.into(),
+        secs: Some(started.elapsed().as_secs()),
     });
 }
 
@@ -191,6 +195,7 @@ fn cargo_step(
         cmd.env(k, v);
     }
     eprintln!("+ {}", util::describe(&cmd));
+    let started = Instant::now();
     let result = match util::run(&mut cmd) {
         Ok(()) => "ok".to_owned(),
         Err(e) => {
@@ -202,6 +207,7 @@ fn cargo_step(
         kernel: "host".into(),
         binary: label.into(),
         result,
+        secs: Some(started.elapsed().as_secs()),
     });
 }
 
@@ -236,6 +242,7 @@ fn publish_dry_run(ws: &Workspace, rows: &mut Vec<Row>) {
             kernel: "host".into(),
             binary: "cargo publish --dry-run (skipped: cargo < 1.90)".into(),
             result: "ok".into(),
+            secs: None,
         });
         return;
     }
@@ -333,9 +340,9 @@ fn guest_script(label: &str, binaries: &[TestBinary], log_dir: &Path) -> Result<
         let dir = util::utf8(b.package_dir.as_os_str(), "package directory")?;
         let header = format!("=== [{label}] {} ===", b.name);
         s += &format!(
-            "echo {header}\n{{ (cd {dir} && {path} --ignored --test-threads=1 --show-output) 2>&1; \
+            "echo {header}\nt0=$(date +%s)\n{{ (cd {dir} && {path} --ignored --test-threads=1 --show-output) 2>&1; \
              echo $? >\"$logs/{i}.status\"; }} | tee \"$logs/{i}.log\"\nst=$(cat \"$logs/{i}.status\")\n\
-             [ \"$st\" -eq 0 ] || failed=1\necho\necho {marker} $st {name}\n",
+             [ \"$st\" -eq 0 ] || failed=1\necho\necho {marker} $st $(($(date +%s) - t0)) {name}\n",
             header = shell_quote(&header),
             dir = shell_quote(dir),
             path = shell_quote(path),
@@ -347,12 +354,13 @@ fn guest_script(label: &str, binaries: &[TestBinary], log_dir: &Path) -> Result<
     Ok(s)
 }
 
-/// Marker of one binary's result: `MARKER STATUS NAME`.
+/// Marker of one binary's result: `MARKER STATUS SECONDS NAME`.
 const RESULT_MARKER: &str = "@@UBLK-RIG-RESULT@@";
 
 /// Runs `cargo xtask test`; returns whether everything passed.
 pub fn run(opts: &TestOptions) -> Result<bool> {
     let ws = Workspace::locate()?;
+    let started = Instant::now();
     let mut rows = Vec::new();
     let mut skips = Vec::new();
     if !opts.skip_lint {
@@ -396,6 +404,7 @@ pub fn run(opts: &TestOptions) -> Result<bool> {
                     kernel: "host".into(),
                     binary: "build test binaries".into(),
                     result: "FAILED".into(),
+                    secs: None,
                 });
             }
             Ok(binaries) => {
@@ -413,6 +422,10 @@ pub fn run(opts: &TestOptions) -> Result<bool> {
 
     let all_ok = rows.iter().all(|r| r.result == "ok");
     print_summary(&rows, &skips);
+    println!(
+        "\n`cargo xtask test` took {} s (guest rows: the binary's own run; boots and builds are the rest)",
+        started.elapsed().as_secs()
+    );
     Ok(all_ok)
 }
 
@@ -431,6 +444,7 @@ fn guest_run(
             kernel,
             binary: "(guest)".into(),
             result: format!("FAILED: {e:#}"),
+            secs: None,
         });
     };
     let kernel = match kernel::fetch(suite) {
@@ -484,6 +498,7 @@ fn guest_run(
                             reported.len(),
                             remaining.len()
                         ),
+                        secs: None,
                     });
                 }
                 return;
@@ -503,6 +518,7 @@ fn guest_run(
                         kernel: label.clone(),
                         binary: format!("(guest panicked in {running}; rerun)"),
                         result: "ok".into(),
+                        secs: None,
                     });
                 }
                 _ => return failed_row(rows, label, e),
@@ -539,6 +555,7 @@ fn kernel_selftests(
     skips: &mut Vec<Skip>,
 ) {
     eprintln!("\n=== kernel selftests on sid ===");
+    let started = Instant::now();
     let outcome = (|| {
         let kernel = kernel::fetch(Suite::Sid)?;
         let (peers, bin) = selftests::prepare(ws, selftests::Server::Ours)?;
@@ -569,6 +586,7 @@ fn kernel_selftests(
                 kernel: "sid".into(),
                 binary: "kernel selftests".into(),
                 result: format!("FAILED: {e:#}"),
+                secs: None,
             });
         }
         Ok((label, total, results)) => {
@@ -599,6 +617,7 @@ fn kernel_selftests(
                 } else {
                     format!("FAILED: {}", failed.join(" "))
                 },
+                secs: Some(started.elapsed().as_secs()),
             });
         }
     }
@@ -618,7 +637,11 @@ fn record_results(rows: &mut Vec<Row>, label: &str, rig_lines: &[String]) -> Vec
         let Some(rest) = line.strip_prefix(RESULT_MARKER) else {
             continue;
         };
-        let (status, name) = rest.trim().split_once(' ').unwrap_or((rest.trim(), "?"));
+        let (status, rest) = rest.trim().split_once(' ').unwrap_or((rest.trim(), "?"));
+        let (secs, name) = match rest.split_once(' ') {
+            Some((secs, name)) if secs.parse::<u64>().is_ok() => (secs.parse().ok(), name),
+            _ => (None, rest),
+        };
         rows.push(Row {
             kernel: label.to_owned(),
             binary: name.to_owned(),
@@ -627,6 +650,7 @@ fn record_results(rows: &mut Vec<Row>, label: &str, rig_lines: &[String]) -> Vec
             } else {
                 format!("FAILED (exit {status})")
             },
+            secs,
         });
         reported.push(name.to_owned());
     }
@@ -648,9 +672,13 @@ fn print_summary(rows: &[Row], skips: &[Skip]) {
         .max()
         .unwrap_or(6);
     println!("\n=== summary ===");
-    println!("{:w0$}  {:w1$}  result", "kernel", "binary");
+    println!("{:w0$}  {:w1$}  {:>6}  result", "kernel", "binary", "secs");
     for r in rows {
-        println!("{:w0$}  {:w1$}  {}", r.kernel, r.binary, r.result);
+        let secs = r.secs.map_or(String::new(), |s| s.to_string());
+        println!(
+            "{:w0$}  {:w1$}  {secs:>6}  {}",
+            r.kernel, r.binary, r.result
+        );
     }
     println!(
         "\n{} skipped (they did not run, or not all of them did):",
@@ -672,14 +700,20 @@ mod tests {
     fn results_are_recorded_per_binary() {
         let mut rows = Vec::new();
         let lines = [
-            format!("{RESULT_MARKER} 0 ublk (lib)"),
+            format!("{RESULT_MARKER} 0 12 ublk (lib)"),
             "@@UBLK-RIG-OTHER@@ x".to_owned(),
-            format!("{RESULT_MARKER} 101 kernel_cli (test)"),
+            format!("{RESULT_MARKER} 101 345 kernel_cli (test)"),
+            format!("{RESULT_MARKER} 0 kernel_x (test)"),
         ];
         let reported = record_results(&mut rows, "sid 7.2.13", &lines);
-        assert_eq!(reported, ["ublk (lib)", "kernel_cli (test)"]);
+        assert_eq!(
+            reported,
+            ["ublk (lib)", "kernel_cli (test)", "kernel_x (test)"]
+        );
         let results: Vec<_> = rows.iter().map(|r| r.result.as_str()).collect();
-        assert_eq!(results, ["ok", "FAILED (exit 101)"]);
+        assert_eq!(results, ["ok", "FAILED (exit 101)", "ok"]);
+        let secs: Vec<_> = rows.iter().map(|r| r.secs).collect();
+        assert_eq!(secs, [Some(12), Some(345), None]);
         assert!(rows.iter().all(|r| r.kernel == "sid 7.2.13"));
     }
 
@@ -762,7 +796,7 @@ not json"#;
         assert!(s.contains(
             "{ (cd /w && /w/t/e2e-1 --ignored --test-threads=1 --show-output) 2>&1; echo $? >\"$logs/0.status\"; } | tee \"$logs/0.log\"\n"
         ));
-        assert!(s.contains("echo @@UBLK-RIG-RESULT@@ $st 'e2e (test)'\n"));
+        assert!(s.contains("echo @@UBLK-RIG-RESULT@@ $st $(($(date +%s) - t0)) 'e2e (test)'\n"));
         assert!(s.ends_with("exit $failed\n"));
     }
 }
