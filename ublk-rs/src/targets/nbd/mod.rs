@@ -553,6 +553,10 @@ impl NbdTarget {
                     0
                 }
             };
+            if took == 0 && !matches!(want, Want::Zero { .. }) {
+                // The reader asked for nothing: a bug, not a reply.
+                break Err(format!("the reply parser stalled at {want:?}"));
+            }
             at_byte += took;
             match self.reader.advance(took) {
                 Ok(Some(rep)) => self.replied(sub, rep.tag, rep.result),
