@@ -558,16 +558,13 @@ impl NbdTarget {
                 break Err(format!("the reply parser stalled at {want:?}"));
             }
             at_byte += took;
-            match self.reader.advance(took) {
-                Ok(Some(rep)) => self.replied(sub, rep.tag, rep.result),
-                Ok(None) => {}
-                Err(e) => break Err(e.to_string()),
+            if let Err(e) = self.advance(sub, took) {
+                break Err(e.to_string());
             }
         };
         self.staging = staged;
         if let Err(e) = result {
-            log::error!("NBD {}: {e}", self.addr);
-            self.lose();
+            self.fail(e);
         }
     }
 
@@ -598,16 +595,26 @@ impl NbdTarget {
     fn zero_holes(&mut self, sub: &mut Submit<'_, '_>) {
         while let Want::Zero { .. } = self.reader.want() {
             self.zero_one_hole();
-            match self.reader.advance(0) {
-                Ok(Some(rep)) => self.replied(sub, rep.tag, rep.result),
-                Ok(None) => {}
-                Err(e) => {
-                    log::error!("NBD {}: {e}", self.addr);
-                    return self.lose();
-                }
+            if let Err(e) = self.advance(sub, 0) {
+                return self.fail(e);
             }
         }
         self.kick_recv(sub);
+    }
+
+    /// `n` bytes arrived where the reply reader asked: completes the
+    /// request whose reply they end, if any.
+    fn advance(&mut self, sub: &mut Submit<'_, '_>, n: usize) -> Result<(), proto::ProtoError> {
+        if let Some(rep) = self.reader.advance(n)? {
+            self.replied(sub, rep.tag, rep.result);
+        }
+        Ok(())
+    }
+
+    /// The server broke the protocol: says so and drops the connection.
+    fn fail(&mut self, why: impl std::fmt::Display) {
+        log::error!("NBD {}: {why}", self.addr);
+        self.lose();
     }
 
     fn replied(&mut self, sub: &mut Submit<'_, '_>, tag: u16, result: i32) {
@@ -780,14 +787,11 @@ impl NbdTarget {
         }
         match res {
             r if r > 0 && how == Receiving::Staged => self.take_staged(sub, r as usize),
-            r if r > 0 => match self.reader.advance(r as usize) {
-                Ok(Some(rep)) => self.replied(sub, rep.tag, rep.result),
-                Ok(None) => {}
-                Err(e) => {
-                    log::error!("NBD {}: {e}", self.addr);
-                    self.lose();
+            r if r > 0 => {
+                if let Err(e) = self.advance(sub, r as usize) {
+                    self.fail(e);
                 }
-            },
+            }
             0 => {
                 log::error!("NBD {}: the server closed the connection", self.addr);
                 self.lose();
