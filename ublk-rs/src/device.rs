@@ -110,14 +110,25 @@ impl DeviceBuilder {
     /// Serve the device with `n` threads (0: one per queue). Any other
     /// count than the number of queues spreads the (queue, tag) pairs over
     /// the threads round-robin, as kublk's `--per_io_tasks` does, and needs
-    /// `UBLK_F_PER_IO_DAEMON` (Linux 6.16+).
+    /// `UBLK_F_PER_IO_DAEMON` (Linux 6.16+) — except with batch I/O, whose
+    /// threads serve whole queues as kublk's `-b --nthreads` does: fewer
+    /// threads than queues share the queues out round-robin (thread `i`
+    /// serves queues `i`, `i + n`, …), and more are one per queue.
     pub const fn threads(mut self, n: u16) -> Self {
         self.threads = n;
         self
     }
     /// Whether the threads serve (queue, tag) pairs rather than whole queues.
     const fn per_io(&self) -> bool {
-        self.threads != 0 && self.threads != self.queues
+        self.threads != 0 && self.threads != self.queues && !self.flags.contains(Features::BATCH_IO)
+    }
+    /// The threads [`Device::run`] serves with (0: one per queue).
+    const fn serving_threads(&self) -> u16 {
+        if self.per_io() || self.threads < self.queues {
+            self.threads
+        } else {
+            0
+        }
     }
     /// Further `UBLK_F_*` flags (recovery, unprivileged, …).
     pub const fn flags(mut self, flags: Features) -> Self {
@@ -178,12 +189,8 @@ impl DeviceBuilder {
                 "recovery reissue, fail-I/O and quiesce need user recovery",
             ));
         }
-        if self.per_io() && f.contains(Features::BATCH_IO) {
-            return Err(Error::config(
-                "batch I/O serves whole queues: use as many threads as queues",
-            ));
-        }
-        if u32::from(self.threads) > u32::from(self.queues) * u32::from(self.depth) {
+        if self.per_io() && u32::from(self.threads) > u32::from(self.queues) * u32::from(self.depth)
+        {
             return Err(Error::config(format!(
                 "{} threads is more than the {} ios of {} queues of depth {}",
                 self.threads,
@@ -231,7 +238,7 @@ impl DeviceBuilder {
             mode: self.mode,
             params: None,
             armed: true,
-            threads: if self.per_io() { self.threads } else { 0 },
+            threads: self.serving_threads(),
             affinity: QueueAffinity::default(),
             no_fixed_cdev: false,
         };
@@ -271,7 +278,8 @@ pub fn open_char_dev(id: u32) -> Result<OwnedFd> {
 pub struct QueueInfo {
     /// The queue.
     pub q_id: u16,
-    /// The thread serving it.
+    /// The thread serving it (a batch I/O thread may serve several
+    /// queues).
     pub tid: i32,
     /// The CPUs it is pinned to.
     pub affinity: Vec<usize>,
@@ -453,15 +461,15 @@ impl Device {
     /// Serve with `n` threads on the next [`Device::run`] (see
     /// [`DeviceBuilder::threads`]); for a device being recovered.
     pub fn set_threads(&mut self, n: u16) -> Result<()> {
-        if n != 0 && n != self.info.nr_queues() {
-            self.ctrl.require(Features::PER_IO_DAEMON)?;
-            if self.info.flags().contains(Features::BATCH_IO) {
-                return Err(Error::config(
-                    "batch I/O serves whole queues: use as many threads as queues",
-                ));
-            }
+        let queues = self.info.nr_queues();
+        if self.info.flags().contains(Features::BATCH_IO) {
+            self.threads = if n < queues { n } else { 0 };
+            return Ok(());
         }
-        self.threads = if n == self.info.nr_queues() { 0 } else { n };
+        if n != 0 && n != queues {
+            self.ctrl.require(Features::PER_IO_DAEMON)?;
+        }
+        self.threads = if n == queues { 0 } else { n };
         Ok(())
     }
 
@@ -536,14 +544,25 @@ impl Device {
         let result = std::thread::scope(|s| {
             // Each worker reports once: its queue info when set up, `None`
             // when set-up failed (its thread returns the error).
-            let (tx, rx) = mpsc::channel::<Option<QueueInfo>>();
-            let workers = assign_ios(nr, info.queue_depth(), threads);
+            let (tx, rx) = mpsc::channel::<Option<Vec<QueueInfo>>>();
+            let workers = if info.flags().contains(Features::BATCH_IO) {
+                assign_queues(nr, info.queue_depth(), threads)
+            } else {
+                assign_ios(nr, info.queue_depth(), threads)
+            };
             let mut handles = Vec::with_capacity(workers.len());
             let nr_workers = workers.len();
             for ios in workers {
                 let tx = tx.clone();
                 let q_id = ios.first().map_or(0, |&(q, _)| q);
                 let whole_queue = threads == 0;
+                // The queues it reports: every one it serves whole (batch
+                // workers may serve several), else the first it has ios of.
+                let mut reported = vec![q_id];
+                if info.flags().contains(Features::BATCH_IO) {
+                    reported = ios.iter().map(|&(q, _)| q).collect();
+                    reported.dedup();
+                }
                 // A worker of several queues' ios is left to the scheduler.
                 let affinity = if whole_queue {
                     policy.pick(&ctrl.queue_affinity(dev, q_id).unwrap_or_default())
@@ -584,11 +603,16 @@ impl Device {
                             }
                         };
                         let tid = rustix::thread::gettid().as_raw_nonzero().get();
-                        let _ = tx.send(Some(QueueInfo {
-                            q_id,
-                            tid,
-                            affinity,
-                        }));
+                        let _ = tx.send(Some(
+                            reported
+                                .into_iter()
+                                .map(|q_id| QueueInfo {
+                                    q_id,
+                                    tid,
+                                    affinity: affinity.clone(),
+                                })
+                                .collect(),
+                        ));
                         drop(tx);
                         q.run(&mut target)
                     });
@@ -611,7 +635,7 @@ impl Device {
             let mut set_up = true;
             for r in rx.iter().take(nr_workers) {
                 match r {
-                    Some(q) => queues.push(q),
+                    Some(q) => queues.extend(q),
                     None => set_up = false,
                 }
             }
@@ -676,6 +700,26 @@ pub fn assign_ios(queues: u16, depth: u16, threads: u16) -> Vec<Vec<(u16, u16)>>
                         (i % usize::from(depth)) as u16,
                     )
                 })
+                .collect()
+        })
+        .collect()
+}
+
+/// The (queue, tag) pairs each serving thread handles when threads serve
+/// whole queues (batch I/O): one queue each when `threads` is 0 or at
+/// least `queues`, else queues `i`, `i + threads`, … for thread `i`, as
+/// kublk's batch mode shares them out.
+pub fn assign_queues(queues: u16, depth: u16, threads: u16) -> Vec<Vec<(u16, u16)>> {
+    let threads = if threads == 0 || threads >= queues {
+        queues
+    } else {
+        threads
+    };
+    (0..threads)
+        .map(|w| {
+            (w..queues)
+                .step_by(usize::from(threads))
+                .flat_map(|q| (0..depth).map(move |t| (q, t)))
                 .collect()
         })
         .collect()
@@ -756,6 +800,24 @@ mod tests {
     }
 
     #[test]
+    fn batch_threads_share_whole_queues_like_kublk() {
+        let q = |q: u16| (0..2).map(move |t| (q, t));
+        assert_eq!(
+            assign_queues(2, 2, 0),
+            vec![q(0).collect::<Vec<_>>(), q(1).collect()]
+        );
+        assert_eq!(assign_queues(1, 2, 4), vec![q(0).collect::<Vec<_>>()]);
+        assert_eq!(
+            assign_queues(4, 2, 1),
+            vec![q(0).chain(q(1)).chain(q(2)).chain(q(3)).collect::<Vec<_>>()]
+        );
+        assert_eq!(
+            assign_queues(3, 2, 2),
+            vec![q(0).chain(q(2)).collect::<Vec<_>>(), q(1).collect()]
+        );
+    }
+
+    #[test]
     fn largest_request_defaults_follow_the_copy_mode() {
         assert_eq!(DeviceBuilder::new().io_bytes(), 512 << 10);
         for mode in [CopyMode::NeedGetData, CopyMode::UserCopy] {
@@ -783,12 +845,20 @@ mod tests {
             .threads(3)
             .validate()
             .is_err());
-        assert!(DeviceBuilder::new()
-            .queues(1)
-            .threads(2)
-            .batch(true)
-            .validate()
-            .is_err());
+        // Batch threads serve whole queues: more threads than queues are
+        // one per queue, without UBLK_F_PER_IO_DAEMON.
+        let batch = DeviceBuilder::new().queues(1).threads(4).batch(true);
+        assert!(batch.validate().is_ok());
+        assert_eq!(batch.serving_threads(), 0);
+        assert!(!batch
+            .requested_flags(Features::empty())
+            .contains(Features::PER_IO_DAEMON));
+        let shared = DeviceBuilder::new().queues(4).threads(1).batch(true);
+        assert!(shared.validate().is_ok());
+        assert_eq!(shared.serving_threads(), 1);
+        assert!(!shared
+            .requested_flags(Features::empty())
+            .contains(Features::PER_IO_DAEMON));
         let f = DeviceBuilder::new()
             .queues(1)
             .threads(2)

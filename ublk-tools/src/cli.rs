@@ -256,7 +256,10 @@ pub struct DevOptions {
     /// Batch I/O (UBLK_F_BATCH_IO).
     #[arg(short = 'b', long = "batch")]
     pub batch: bool,
-    /// Number of I/O threads (default: one per queue).
+    /// Number of I/O threads (default: one per queue). Other counts need
+    /// --per_io_tasks (each thread serves every N-th tag of the device) or
+    /// -b (each thread serves whole queues: fewer threads than queues
+    /// share them out, more are one per queue, as in kublk).
     #[arg(long = "nthreads", value_parser = parse_threads)]
     pub nthreads: Option<u16>,
     /// One task per I/O tag (UBLK_F_PER_IO_DAEMON).

@@ -118,15 +118,9 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     if a.dev.auto_zc_fallback && !a.dev.auto_zc {
         return Err(usage("--auto_zc_fallback needs --auto_zc"));
     }
-    if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && a.dev.batch && !a.dev.per_io_tasks {
-        // kublk spreads the queues over the threads (or the threads over
-        // the queues) here; this library's batch workers serve one whole
-        // queue each.
-        return Err(usage(
-            "batch I/O (-b) with --nthreads other than the number of queues is not supported yet",
-        ));
-    }
-    if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && !a.dev.per_io_tasks {
+    // Batch I/O (-b) threads serve whole queues, as in kublk: fewer
+    // threads than queues share them out, more are one per queue.
+    if a.dev.nthreads.is_some_and(|n| n != a.dev.queues) && !a.dev.per_io_tasks && !a.dev.batch {
         return Err(usage(
             "--nthreads other than the number of queues needs --per_io_tasks",
         ));
@@ -175,7 +169,7 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     }
     if a.dev.batch && a.dev.per_io_tasks && a.dev.nthreads.is_some_and(|n| n != a.dev.queues) {
         return Err(usage(
-            "batch I/O (-b) serves whole queues: use as many threads as queues",
+            "batch I/O (-b) serves whole queues, --per_io_tasks spreads them: choose one",
         ));
     }
     if a.dev.unprivileged && recovery {
@@ -203,7 +197,7 @@ fn builder(a: &AddArgs, kernel: Features) -> anyhow::Result<(DeviceBuilder, Copy
     if let Some(id) = a.dev.id {
         b = b.id(id);
     }
-    if a.dev.per_io_tasks {
+    if a.dev.per_io_tasks || a.dev.batch {
         b = b.threads(a.dev.nthreads.unwrap_or(a.dev.queues));
     }
     if let Some(bytes) = a.dev.max_io_buf_bytes {
@@ -725,13 +719,18 @@ fn serve(
     let backing = backings.first().filter(|_| kind != TargetKind::Stripe);
     let mut dev = if recover {
         let id = a.dev.id.unwrap_or_default();
-        Device::recover(Arc::clone(&ctrl), id, mode).map_err(|e| match e.errno() {
+        let mut dev = Device::recover(Arc::clone(&ctrl), id, mode).map_err(|e| match e.errno() {
             Some(Errno::BUSY) => {
                 let pid = ctrl.dev_info(id).map_or(-1, |i| i.server_pid());
                 anyhow!("device {id} is busy: its server (pid {pid}) is still attached; stop it or wait for it to exit")
             }
             _ => e.into(),
-        })?
+        })?;
+        // The threads it was served with (its state file's options).
+        if let (true, Some(n)) = (a.dev.per_io_tasks || a.dev.batch, a.dev.nthreads) {
+            dev.set_threads(n)?;
+        }
+        dev
     } else {
         let dev = builder
             .add(Arc::clone(&ctrl))
@@ -1527,6 +1526,29 @@ mod tests {
         assert_eq!(
             checked(&["add", "-t", "null", "--nthreads", "2"]),
             usage("--nthreads other than the number of queues needs --per_io_tasks")
+        );
+        // kublk's batch_02/03: batch threads serve whole queues.
+        assert_eq!(
+            checked(&["add", "-t", "null", "-q", "1", "--nthreads", "4", "-b"]),
+            None
+        );
+        assert_eq!(
+            checked(&["add", "-t", "null", "-q", "4", "--nthreads", "1", "-b"]),
+            None
+        );
+        assert_eq!(
+            checked(&[
+                "add",
+                "-t",
+                "null",
+                "-q",
+                "2",
+                "--nthreads",
+                "1",
+                "-b",
+                "--per_io_tasks"
+            ]),
+            usage("batch I/O (-b) serves whole queues, --per_io_tasks spreads them: choose one")
         );
         assert_eq!(
             checked(&["add", "-t", "null", "--unprivileged", "-z"]),

@@ -358,16 +358,12 @@ fn argument_checks_come_before_the_driver_check() {
             "ublk: --nthreads other than the number of queues needs --per_io_tasks",
         ),
         (
-            &["add", "-t", "null", "-q", "1", "--nthreads", "4", "-b"],
-            "ublk: batch I/O (-b) with --nthreads other than the number of queues is not supported yet",
-        ),
-        (
             &["add", "-t", "null", "-b", "-g"],
             "ublk: batch I/O (-b) does not work with NEED_GET_DATA (-g)",
         ),
         (
             &["add", "-t", "null", "-b", "--nthreads", "2", "--per_io_tasks"],
-            "ublk: batch I/O (-b) serves whole queues: use as many threads as queues",
+            "ublk: batch I/O (-b) serves whole queues, --per_io_tasks spreads them: choose one",
         ),
         (
             &["add", "-t", "null", "-i", "1", "-e", "1"],

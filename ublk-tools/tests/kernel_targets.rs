@@ -1,7 +1,8 @@
 //! The stripe and fault_inject targets against the real driver: fio
 //! verification of a stripe in every copy mode, where its chunks land,
 //! a fault_inject device's delay (a lower bound only: guests are slow),
-//! its errors as dd and a file system see them, and `--die_during_fetch`.
+//! its errors as dd and a file system see them, and `--die_during_fetch`;
+//! batch I/O with fewer or more threads than queues.
 //! Run in the guest by `cargo xtask test`.
 
 use std::os::unix::process::ExitStatusExt;
@@ -411,4 +412,66 @@ fn shmem_zero_copy_from_a_hugetlbfs_buffer() {
         "echo {} > /proc/sys/vm/nr_hugepages",
         old_pages.trim()
     ));
+}
+
+/// The names of the daemon `pid`'s queue threads (`ublk{id}q{q}`).
+fn queue_threads(pid: i32, id: u32) -> Vec<String> {
+    let prefix = format!("ublk{id}q");
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with(&prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn batch_threads_serve_whole_queues() {
+    if skip("batch_threads_serve_whole_queues", "UBLK_F_BATCH_IO") {
+        return;
+    }
+    let _cleanup = Cleanup;
+    // kublk's batch_02 (threads over one queue) and batch_03 (one thread
+    // for every queue), and a thread with two queues beside one with one
+    // where the kernel gives three queues (it gives no more than CPUs).
+    for (queues, threads) in [("4", "1"), ("3", "2"), ("1", "4")] {
+        let (_, id) = add_loop(
+            &format!("batch-{queues}-{threads}.img"),
+            "64M",
+            &["-b", "-q", queues, "--nthreads", threads],
+        );
+        // The kernel may give fewer queues than asked (no more than CPUs).
+        let nr = json(id)["nr_hw_queues"].as_u64().unwrap() as usize;
+        let want = nr.min(threads.parse().unwrap());
+        let names = queue_threads(daemon_pid(id), id);
+        assert_eq!(
+            names.len(),
+            want,
+            "-q {queues} --nthreads {threads}: {nr} queues served by {names:?}"
+        );
+        // `list` names a serving thread for every queue.
+        let tids: Vec<i64> = json(id)["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["tid"].as_i64().unwrap())
+            .collect();
+        assert!(tids.len() == nr && tids.iter().all(|&t| t > 0), "{tids:?}");
+        println!(
+            "-b -q {queues} --nthreads {threads}: {nr} queues, threads {names:?}, tids {tids:?}"
+        );
+        // Two jobs, each on its own half, so both CPUs (and so several
+        // queues) submit.
+        sh(&format!(
+            "fio --name=v --filename=/dev/ublkb{id} --direct=1 --ioengine=io_uring --rw=randwrite \
+             --bsrange=4k-128k --iodepth=16 --numjobs=2 --size=32M --offset_increment=32M \
+             --io_size=8M --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 \
+             --output-format=terse --terse-version=3 \
+             | awk -F';' '/^3;/ {{ n++; if ($5 != 0) bad = 1 }} END {{ exit bad || n != 2 }}'"
+        ));
+        ok(&["del", "-n", &id.to_string()]);
+    }
 }

@@ -3,6 +3,11 @@
 //! completions carry the tags of new requests in a provided buffer, and
 //! commits every request finished in one pass of the run loop with a
 //! single COMMIT_IO_CMDS.
+//!
+//! A batch worker serves one or more whole queues (kublk's `-b --nthreads
+//! N` with fewer threads than queues), each with its own fetch, fetch
+//! buffer group and commits: a [`Batch`] per queue, in the order of the
+//! worker's queues, whose io indexes run from [`Batch::base`] in tag order.
 
 use io_uring::{cqueue, IoUring};
 
@@ -12,14 +17,17 @@ use crate::mem::BufRing;
 use crate::target::Target;
 use crate::{Error, Result};
 
-/// The provided-buffer group of a queue's batch fetch.
-const FETCH_BUF_GROUP: u16 = 0;
 /// Buffers in a queue's fetch ring.
 const FETCH_BUFS: u16 = 8;
 
 /// Batch I/O state of a queue.
 #[derive(Debug)]
 pub(super) struct Batch {
+    q_id: u16,
+    /// The worker's io index of this queue's tag 0 (its tags follow).
+    base: u16,
+    /// The provided-buffer group of this queue's fetch.
+    group: u16,
     fetch_ring: BufRing,
     flags: u16,
     elem_bytes: usize,
@@ -38,10 +46,17 @@ pub(super) struct Batch {
 }
 
 impl Batch {
-    /// The batch state of the queue `cfg` describes, its fetch buffer ring
-    /// registered with `ring`. The caller keeps the result alive until
-    /// `ring` is closed (the kernel writes the ring's buffers).
-    pub(super) fn new(cfg: &QueueConfig, ring: &IoUring) -> Result<Self> {
+    /// The batch state of queue `q_id` of the device `cfg` describes,
+    /// whose tags are the worker's ios from `base`, its fetch buffer ring
+    /// registered with `ring` as group `group`. The caller keeps the result
+    /// alive until `ring` is closed (the kernel writes the ring's buffers).
+    pub(super) fn new(
+        cfg: &QueueConfig,
+        ring: &IoUring,
+        q_id: u16,
+        base: u16,
+        group: u16,
+    ) -> Result<Self> {
         let mut flags = 0u16;
         if matches!(cfg.mode, CopyMode::Copy) {
             flags |= ublk_sys::UBLK_BATCH_F_HAS_BUF_ADDR as u16;
@@ -58,13 +73,16 @@ impl Batch {
             ring.submitter().register_buf_ring_with_flags(
                 fetch_ring.ring_addr(),
                 fetch_ring.entries(),
-                FETCH_BUF_GROUP,
+                group,
                 0,
             )
         }
         .map_err(Error::io("registering the batch fetch buffer ring"))?;
         let cap = usize::from(cfg.depth) * elem_bytes;
         Ok(Self {
+            q_id,
+            base,
+            group,
             fetch_ring,
             flags,
             elem_bytes,
@@ -96,43 +114,51 @@ impl Batch {
     }
 }
 
-// A batch worker serves one whole queue (checked in `Queue::with_ios`), so
-// its io indexes are the kernel's tags: `IoIndex(tag)` below.
 impl Queue<'_> {
-    /// PREP_IO_CMDS for every tag (waited for: it completes at once), then
-    /// one multishot FETCH_IO_CMDS.
+    /// The batch state of the queue io `io` belongs to.
+    fn batch_of(&mut self, io: IoIndex) -> Option<&mut Batch> {
+        let qi = self.slot(io).qi;
+        self.batches.get_mut(qi)
+    }
+
+    /// PREP_IO_CMDS for every tag of every queue (each waited for: it
+    /// completes at once), then one multishot FETCH_IO_CMDS per queue.
     pub(super) fn batch_start(&mut self) -> Result<()> {
         let depth = self.cfg.depth;
-        let addrs: Vec<Option<*mut u8>> = (0..depth).map(|t| self.buf_addr(IoIndex(t))).collect();
         let cdev = self.cdev_ref();
-        let Some(b) = self.batch.as_mut() else {
-            return Ok(());
-        };
-        for (tag, addr) in (0..depth).zip(addrs) {
-            b.push_elem(tag, 0, addr);
-        }
-        let prep = std::mem::take(&mut b.pending);
-        let e = cmd::PrepIoCmds::new(cdev, self.cfg.q_id, b.flags, depth, prep.as_ptr()).build();
-        // `prep` lives until after the wait below, which returns this
-        // command's completion (nothing else is in flight).
-        self.push_own(Kind::Prep, IoIndex(0), 0, e)
-            .map_err(Error::io("queueing PREP_IO_CMDS"))?;
-        self.ring
-            .submit_and_wait(1)
-            .map_err(Error::io("submitting PREP_IO_CMDS"))?;
-        let res = self
-            .ring
-            .completion()
-            .next()
-            .map_or(-libc::EPROTO, |c| c.result());
-        if let Some(b) = self.batch.as_mut() {
+        for qi in 0..self.batches.len() {
+            let base = self.batches[qi].base;
+            let addrs: Vec<Option<*mut u8>> = (0..depth)
+                .map(|t| self.buf_addr(IoIndex(base + t)))
+                .collect();
+            let b = &mut self.batches[qi];
+            for (tag, addr) in (0..depth).zip(addrs) {
+                b.push_elem(tag, 0, addr);
+            }
+            let prep = std::mem::take(&mut b.pending);
+            let e = cmd::PrepIoCmds::new(cdev, b.q_id, b.flags, depth, prep.as_ptr()).build();
+            // `prep` lives until after the wait below, which returns this
+            // command's completion (nothing else is in flight).
+            self.push_own(Kind::Prep, IoIndex(base), 0, e)
+                .map_err(Error::io("queueing PREP_IO_CMDS"))?;
+            self.ring
+                .submit_and_wait(1)
+                .map_err(Error::io("submitting PREP_IO_CMDS"))?;
+            let res = self
+                .ring
+                .completion()
+                .next()
+                .map_or(-libc::EPROTO, |c| c.result());
+            let b = &mut self.batches[qi];
             b.pending = prep;
             b.pending.clear();
+            if res < 0 {
+                return Err(self.refused("UBLK_U_IO_PREP_IO_CMDS", res));
+            }
         }
-        if res < 0 {
-            return Err(self.refused("UBLK_U_IO_PREP_IO_CMDS", res));
+        for qi in 0..self.batches.len() {
+            self.arm_fetch(qi);
         }
-        self.arm_fetch();
         self.ring
             .submit()
             .map_err(Error::io("submitting FETCH_IO_CMDS"))?;
@@ -144,25 +170,38 @@ impl Queue<'_> {
         }
     }
 
-    fn arm_fetch(&mut self) {
-        let e = cmd::FetchIoCmds::new(self.cdev_ref(), self.cfg.q_id, FETCH_BUF_GROUP).build();
-        self.push_own_or_log(Kind::Fetch, IoIndex(0), e);
+    /// Arms the multishot fetch of the worker's `qi`-th queue.
+    fn arm_fetch(&mut self, qi: usize) {
+        let Some(b) = self.batches.get(qi) else {
+            return;
+        };
+        let (base, q_id, group) = (b.base, b.q_id, b.group);
+        let e = cmd::FetchIoCmds::new(self.cdev_ref(), q_id, group).build();
+        self.push_own_or_log(Kind::Fetch, IoIndex(base), e);
     }
 
-    /// Queues `io`'s result for the next COMMIT_IO_CMDS.
+    /// Queues `io`'s result for its queue's next COMMIT_IO_CMDS.
     pub(super) fn batch_finish(&mut self, io: IoIndex, res: i32) {
         let addr = self.buf_addr(io);
         let tag = self.slot(io).tag;
-        if let Some(b) = self.batch.as_mut() {
+        if let Some(b) = self.batch_of(io) {
             b.push_elem(tag, res, addr);
         }
     }
 
-    /// Commits everything finished since the last flush in one
-    /// COMMIT_IO_CMDS.
+    /// Commits everything finished since the last flush, one
+    /// COMMIT_IO_CMDS per queue.
     pub(super) fn flush_commits(&mut self) {
+        for qi in 0..self.batches.len() {
+            self.flush_queue_commits(qi);
+        }
+    }
+
+    fn flush_queue_commits(&mut self, qi: usize) {
         let cdev = self.cdev_ref();
-        let Some(b) = self.batch.as_mut() else { return };
+        let Some(b) = self.batches.get_mut(qi) else {
+            return;
+        };
         if b.pending.is_empty() {
             return;
         }
@@ -176,13 +215,14 @@ impl Queue<'_> {
         let slot = &mut b.in_flight[id as usize];
         std::mem::swap(slot, &mut b.pending);
         let nr = (slot.len() / b.elem_bytes) as u16;
-        let e = cmd::CommitIoCmds::new(cdev, self.cfg.q_id, b.flags, nr, slot.as_ptr()).build();
+        let (q_id, base) = (b.q_id, b.base);
+        let e = cmd::CommitIoCmds::new(cdev, q_id, b.flags, nr, slot.as_ptr()).build();
         b.cmds += 1;
         // The elements stay in `in_flight[id]` until this command's CQE
         // returns the slot to `free`.
-        if let Err(e) = self.push_own(Kind::Commit, IoIndex(0), id, e) {
-            log::error!("queue {}: cannot queue COMMIT_IO_CMDS: {e}", self.cfg.q_id);
-            if let Some(b) = self.batch.as_mut() {
+        if let Err(e) = self.push_own(Kind::Commit, IoIndex(base), id, e) {
+            log::error!("queue {q_id}: cannot queue COMMIT_IO_CMDS: {e}");
+            if let Some(b) = self.batches.get_mut(qi) {
                 b.cmds = b.cmds.saturating_sub(1);
                 b.in_flight[id as usize].clear();
                 b.free.push(id);
@@ -190,13 +230,19 @@ impl Queue<'_> {
         }
     }
 
+    /// A completion of the fetch of the queue whose tag 0 is io `first`.
     pub(super) fn on_fetch_cqe<T: Target + ?Sized>(
         &mut self,
         target: &mut T,
+        first: IoIndex,
         res: i32,
         flags: u32,
     ) {
-        let Some(b) = self.batch.as_mut() else { return };
+        let qi = self.slot(first).qi;
+        let depth = self.cfg.depth;
+        let Some(b) = self.batches.get_mut(qi) else {
+            return;
+        };
         b.tags.clear();
         if let Some(bid) = cqueue::buffer_select(flags) {
             let n = usize::try_from(res).unwrap_or(0) / size_of::<u16>();
@@ -213,34 +259,44 @@ impl Queue<'_> {
         if !more {
             self.cmd_inflight = self.cmd_inflight.saturating_sub(1);
         }
+        let (q_id, base) = (b.q_id, b.base);
         let tags = std::mem::take(&mut b.tags);
         for &tag in &tags {
-            self.dispatch(target, IoIndex(tag));
+            if tag >= depth {
+                log::error!("queue {q_id}: kernel fetched tag {tag} past the depth");
+                continue;
+            }
+            self.dispatch(target, IoIndex(base + tag));
         }
-        let Some(b) = self.batch.as_mut() else { return };
+        let Some(b) = self.batches.get_mut(qi) else {
+            return;
+        };
         b.tags = tags;
         if more {
             return;
         }
         if res >= 0 || res == -libc::ENOBUFS {
             if !b.stopping {
-                self.arm_fetch();
+                self.arm_fetch(qi);
             }
         } else {
             b.stopping = true;
             if res != ublk_sys::UBLK_IO_RES_ABORT {
                 log::error!(
-                    "queue {}: FETCH_IO_CMDS failed: {}",
-                    self.cfg.q_id,
+                    "queue {q_id}: FETCH_IO_CMDS failed: {}",
                     std::io::Error::from_raw_os_error(-res)
                 );
             }
         }
     }
 
-    pub(super) fn on_commit_cqe(&mut self, id: u32, res: i32) {
-        let q_id = self.cfg.q_id;
-        let Some(b) = self.batch.as_mut() else { return };
+    /// A COMMIT_IO_CMDS of the queue whose tag 0 is io `first` completed.
+    pub(super) fn on_commit_cqe(&mut self, first: IoIndex, id: u32, res: i32) {
+        let qi = self.slot(first).qi;
+        let Some(b) = self.batches.get_mut(qi) else {
+            return;
+        };
+        let q_id = b.q_id;
         b.cmds = b.cmds.saturating_sub(1);
         let Some(slot) = b.in_flight.get_mut(id as usize) else {
             return;

@@ -327,7 +327,7 @@ impl Queue<'_> {
                 .desc
                 .is_some_and(|d| d.flags.contains(IoFlags::SHMEM_ZC)),
         );
-        if self.batch.is_some() {
+        if !self.batches.is_empty() {
             self.batch_finish(io, res);
             return;
         }

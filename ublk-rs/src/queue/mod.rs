@@ -234,7 +234,9 @@ pub struct Queue<'fd> {
     /// Closed first, in `drop`: the kernel may use the memory below (the
     /// buffer ring, the buffers, the descriptors) until the ring is gone.
     ring: ManuallyDrop<IoUring<squeue::Entry, cqueue::Entry>>,
-    batch: Option<Batch>,
+    /// Batch I/O: one per queue served, in the order of `queues` (empty
+    /// without batch I/O).
+    batches: Vec<Batch>,
     queues: Vec<QueueMem>,
     ios: Vec<IoSlot>,
     states: Vec<IoState>,
@@ -307,8 +309,8 @@ impl<'fd> Queue<'fd> {
 
     /// Sets up a worker for the (queue, tag) pairs `ios` of the device
     /// `cfg` describes (`cfg.q_id` is only used in messages). Serving part
-    /// of a queue needs `UBLK_F_PER_IO_DAEMON`; batch I/O needs one whole
-    /// queue.
+    /// of a queue needs `UBLK_F_PER_IO_DAEMON`; batch I/O needs whole
+    /// queues (one or more, each in tag order).
     pub fn with_ios(
         cfg: QueueConfig,
         ios: &[(u16, u16)],
@@ -332,14 +334,9 @@ impl<'fd> Queue<'fd> {
                 cfg.depth
             )));
         }
-        let whole_queue = ios.len() == usize::from(cfg.depth)
-            && ios
-                .iter()
-                .enumerate()
-                .all(|(i, &(q, t))| q == ios[0].0 && usize::from(t) == i);
-        if cfg.batch && !whole_queue {
+        if cfg.batch && !whole_queues(ios, cfg.depth) {
             return Err(invalid(
-                "batch I/O needs each worker to serve one whole queue".into(),
+                "batch I/O needs each worker to serve whole queues".into(),
             ));
         }
         if cfg.batch && cfg.mode == CopyMode::NeedGetData {
@@ -385,13 +382,21 @@ impl<'fd> Queue<'fd> {
                 .register_buffers_sparse(depth)
                 .map_err(Error::io("registering a sparse buffer table"))?;
         }
-        let batch = cfg.batch.then(|| Batch::new(&cfg, &ring)).transpose()?;
+        let mut batches = Vec::new();
+        if cfg.batch {
+            // Whole queues in tag order: queue `qi`'s tag 0 is io qi * depth.
+            for (qi, q) in queues.iter().enumerate() {
+                let base = u16::try_from(qi * usize::from(cfg.depth))
+                    .map_err(|_| invalid("too many ios for one worker".into()))?;
+                batches.push(Batch::new(&cfg, &ring, q.q_id, base, qi as u16)?);
+            }
+        }
         let completed = Vec::with_capacity(slots.len().max(usize::from(cfg.depth)));
         Ok(Self {
             cfg,
             cdev,
             ring: ManuallyDrop::new(ring),
-            batch,
+            batches,
             queues,
             states: vec![IoState::default(); slots.len()],
             ios: slots,
@@ -423,7 +428,7 @@ impl<'fd> Queue<'fd> {
     /// before each tag's FETCH_REQ is queued (fault injection dies there),
     /// but not in batch mode, whose one command fetches every tag.
     pub fn fetch_all_with<T: Target + ?Sized>(&mut self, target: &mut T) -> Result<()> {
-        if self.batch.is_some() {
+        if !self.batches.is_empty() {
             return self.batch_start();
         }
         for io in 0..self.ios.len() as u16 {
@@ -468,14 +473,14 @@ impl<'fd> Queue<'fd> {
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(usize::from(self.cfg.depth) * 8);
         loop {
             self.flush_commits();
-            let batch_busy = self.batch.as_ref().is_some_and(Batch::busy);
+            let batch_busy = self.batches.iter().any(Batch::busy);
             if self.cmd_inflight + self.target_inflight == 0 && !batch_busy {
                 break;
             }
             // QUIESCE_DEV aborts only the idle commands: those re-armed by
             // later commits are cancelled when the ring closes. So once
             // aborted, stop when our own work is done and committed.
-            if self.aborted && self.target_inflight == 0 && self.batch.is_none() {
+            if self.aborted && self.target_inflight == 0 && self.batches.is_empty() {
                 let _ = self.ring.submit();
                 break;
             }
@@ -519,8 +524,8 @@ impl<'fd> Queue<'fd> {
                 }
                 self.finish_completed();
             }
-            Some(Kind::Fetch) => self.on_fetch_cqe(target, res, flags),
-            Some(Kind::Commit) => self.on_commit_cqe(data, res),
+            Some(Kind::Fetch) => self.on_fetch_cqe(target, io, res, flags),
+            Some(Kind::Commit) => self.on_commit_cqe(io, data, res),
             Some(Kind::Reg | Kind::Unreg) => {
                 self.target_inflight = self.target_inflight.saturating_sub(1);
                 if res < 0 {
@@ -581,6 +586,26 @@ impl<'fd> Queue<'fd> {
     }
 }
 
+/// Whether `ios` are whole queues of `depth` tags, each in tag order, no
+/// queue twice.
+fn whole_queues(ios: &[(u16, u16)], depth: u16) -> bool {
+    let depth = usize::from(depth);
+    if ios.is_empty() || ios.len() % depth != 0 {
+        return false;
+    }
+    let mut seen = Vec::new();
+    ios.chunks_exact(depth).all(|chunk| {
+        let q = chunk[0].0;
+        let whole = chunk
+            .iter()
+            .enumerate()
+            .all(|(i, &(cq, t))| cq == q && usize::from(t) == i);
+        let first = !seen.contains(&q);
+        seen.push(q);
+        whole && first
+    })
+}
+
 /// The target of [`Queue::fetch_all`]: nothing to do before a fetch (it
 /// serves no request).
 struct NoHooks;
@@ -606,6 +631,23 @@ mod tests {
             assert_eq!(decode_user_data(user_data(k, IoIndex(1), 0)).0, Some(k));
         }
         assert_eq!(decode_user_data(7 << 16).0, None);
+    }
+
+    #[test]
+    fn batch_workers_take_whole_queues_only() {
+        let q = |q: u16, tags: std::ops::Range<u16>| tags.map(move |t| (q, t));
+        let two: Vec<_> = q(0, 0..4).chain(q(2, 0..4)).collect();
+        assert!(whole_queues(&two, 4));
+        assert!(whole_queues(&q(1, 0..4).collect::<Vec<_>>(), 4));
+        let part: Vec<_> = q(0, 0..3).collect();
+        assert!(!whole_queues(&part, 4));
+        let twice: Vec<_> = q(0, 0..4).chain(q(0, 0..4)).collect();
+        assert!(!whole_queues(&twice, 4));
+        let shuffled = [(0, 1), (0, 0)];
+        assert!(!whole_queues(&shuffled, 2));
+        let mixed = [(0, 0), (1, 1)];
+        assert!(!whole_queues(&mixed, 2));
+        assert!(!whole_queues(&[], 2));
     }
 
     #[test]
