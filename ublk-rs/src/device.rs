@@ -199,6 +199,11 @@ impl DeviceBuilder {
                 self.depth
             )));
         }
+        if f.contains(Features::INTEGRITY) && !f.contains(Features::USER_COPY) {
+            return Err(Error::config(
+                "integrity metadata (UBLK_F_INTEGRITY) needs user copy",
+            ));
+        }
         if f.contains(Features::BATCH_IO | Features::NEED_GET_DATA) {
             return Err(Error::config("batch I/O does not work with NEED_GET_DATA"));
         }
@@ -431,6 +436,11 @@ impl Device {
     /// Validates and sets the parameters.
     pub fn set_params(&mut self, params: &Params) -> Result<()> {
         params.validate()?;
+        if params.integrity.is_some() && !self.info.flags().contains(Features::INTEGRITY) {
+            return Err(Error::config(
+                "integrity parameters need a device made with UBLK_F_INTEGRITY",
+            ));
+        }
         if let Some(b) = &params.basic {
             if b.max_sectors > self.info.max_io_buf_bytes() >> 9 {
                 return Err(Error::config(format!(
@@ -579,6 +589,7 @@ impl Device {
                     encoding: ctrl.encoding(),
                     batch: info.flags().contains(Features::BATCH_IO),
                     no_fixed_cdev: self.no_fixed_cdev,
+                    integrity: self.params.and_then(|p| p.integrity),
                 };
                 let cdev = cdev.as_fd();
                 let spawned = std::thread::Builder::new()

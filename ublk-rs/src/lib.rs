@@ -78,7 +78,7 @@ pub use device::{
 };
 pub use error::{Error, Result};
 pub use features::Features;
-pub use params::{Attrs, BasicParams, DiscardParams, Params};
+pub use params::{Attrs, BasicParams, Checksum, DiscardParams, IntegrityParams, Params, PiCaps};
 pub use queue::{CopyMode, Queue, QueueStats};
 /// The errno type of [`Error::errno`]: `e.errno() == Some(Errno::BUSY)`.
 pub use rustix::io::Errno;

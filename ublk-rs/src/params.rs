@@ -118,6 +118,183 @@ pub struct ZonedParams {
     pub max_zone_append_sectors: u32,
 }
 
+bitflags::bitflags! {
+    /// Protection-information capabilities of an integrity device
+    /// (`LBMD_PI_CAP_*` of `linux/fs.h`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct PiCaps: u32 {
+        /// The device itself checks the protection information: the
+        /// block layer leaves generating and verifying it to the device
+        /// (sysfs `device_is_integrity_capable` 1).
+        const INTEGRITY = 1 << 0;
+        /// The reference tag (the low bits of the sector) is checked too.
+        const REFTAG = 1 << 1;
+    }
+}
+
+/// The checksum of the protection information in each interval's metadata
+/// (`LBMD_PI_CSUM_*` of `linux/fs.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checksum {
+    /// No protection information: the metadata is opaque (format `nop`).
+    #[default]
+    None,
+    /// IP checksum, 8-byte tuple (`T10-DIF-TYPE*-IP`).
+    Ip,
+    /// CRC16 T10-DIF, 8-byte tuple (`T10-DIF-TYPE*-CRC`).
+    T10Dif,
+    /// CRC64 NVMe, 16-byte tuple (`EXT-DIF-TYPE*-CRC64`).
+    Nvme,
+    /// A value this crate does not know (as the kernel reported it).
+    Other(u8),
+}
+
+impl Checksum {
+    /// The `LBMD_PI_CSUM_*` value.
+    pub const fn to_raw(self) -> u8 {
+        match self {
+            Self::None => 0,
+            Self::Ip => 1,
+            Self::T10Dif => 2,
+            Self::Nvme => 4,
+            Self::Other(v) => v,
+        }
+    }
+
+    /// From the `LBMD_PI_CSUM_*` value.
+    pub const fn from_raw(v: u8) -> Self {
+        match v {
+            0 => Self::None,
+            1 => Self::Ip,
+            2 => Self::T10Dif,
+            4 => Self::Nvme,
+            v => Self::Other(v),
+        }
+    }
+
+    /// Bytes of the protection-information tuple (0 without one; `None`
+    /// for a value the kernel would refuse).
+    pub const fn tuple_size(self) -> Option<u8> {
+        match self {
+            Self::None => Some(0),
+            Self::Ip | Self::T10Dif => Some(8),
+            Self::Nvme => Some(16),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+/// `UBLK_PARAM_TYPE_INTEGRITY`: each interval of data (a logical block,
+/// usually) carries `metadata_size` bytes of metadata, with a
+/// protection-information tuple at `pi_offset` when `checksum` is not
+/// [`Checksum::None`]. Needs `UBLK_F_INTEGRITY`, which needs user copy:
+/// requests with metadata come with [`crate::target::Request::integrity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntegrityParams {
+    /// Protection-information capabilities.
+    pub caps: PiCaps,
+    /// Most integrity segments in a request (0: no limit).
+    pub max_integrity_segments: u16,
+    /// Bytes of data each metadata entry covers (a power of two from 512
+    /// to the logical block size).
+    pub interval: u32,
+    /// Metadata bytes per interval (1..=255).
+    pub metadata_size: u8,
+    /// Where the protection-information tuple starts in the metadata.
+    pub pi_offset: u8,
+    /// The protection-information checksum.
+    pub checksum: Checksum,
+    /// Bytes of the application tag the device stores (sysfs `tag_size`).
+    pub tag_size: u8,
+}
+
+impl IntegrityParams {
+    /// `metadata_size` opaque bytes per 512-byte interval: no protection
+    /// information, no capabilities.
+    pub const fn new(metadata_size: u8) -> Self {
+        Self {
+            caps: PiCaps::empty(),
+            max_integrity_segments: 0,
+            interval: SECTOR_SIZE as u32,
+            metadata_size,
+            pi_offset: 0,
+            checksum: Checksum::None,
+            tag_size: 0,
+        }
+    }
+
+    /// The metadata bytes of `data_bytes` bytes of data (whole intervals;
+    /// also the metadata offset of the data at byte `data_bytes`).
+    #[inline]
+    pub const fn metadata_len(&self, data_bytes: u64) -> u64 {
+        (data_bytes >> self.interval.trailing_zeros()) * self.metadata_size as u64
+    }
+
+    /// The data bytes `metadata_bytes` of metadata cover (whole entries).
+    #[inline]
+    pub const fn data_len(&self, metadata_bytes: u64) -> u64 {
+        if self.metadata_size == 0 {
+            return 0;
+        }
+        (metadata_bytes / self.metadata_size as u64) << self.interval.trailing_zeros()
+    }
+
+    /// Checks what the kernel refuses (with logical block size `lbs`).
+    fn validate(&self, lbs: u32) -> Result<()> {
+        let bad = |what: String| Err(Error::config(what));
+        if self.metadata_size == 0 {
+            return bad("integrity needs a metadata size of at least 1 byte".into());
+        }
+        let Some(tuple) = self.checksum.tuple_size() else {
+            return bad(format!(
+                "unknown protection-information checksum type {}",
+                self.checksum.to_raw()
+            ));
+        };
+        if self.checksum == Checksum::None && self.caps.contains(PiCaps::REFTAG) {
+            return bad("a reference tag needs a protection-information checksum".into());
+        }
+        if u32::from(self.pi_offset) + u32::from(tuple) > u32::from(self.metadata_size) {
+            return bad(format!(
+                "the {tuple}-byte protection information at offset {} does not fit in {} bytes of metadata",
+                self.pi_offset, self.metadata_size
+            ));
+        }
+        if !self.interval.is_power_of_two() || !(512..=lbs).contains(&self.interval) {
+            return bad(format!(
+                "integrity interval {} is not a power of two from 512 to the logical block size {lbs}",
+                self.interval
+            ));
+        }
+        Ok(())
+    }
+
+    fn to_raw(self) -> ublk_param_integrity {
+        ublk_param_integrity {
+            flags: self.caps.bits(),
+            max_integrity_segments: self.max_integrity_segments,
+            interval_exp: self.interval.trailing_zeros() as u8,
+            metadata_size: self.metadata_size,
+            pi_offset: self.pi_offset,
+            csum_type: self.checksum.to_raw(),
+            tag_size: self.tag_size,
+            ..Default::default()
+        }
+    }
+
+    fn from_raw(p: &ublk_param_integrity) -> Self {
+        Self {
+            caps: PiCaps::from_bits_retain(p.flags),
+            max_integrity_segments: p.max_integrity_segments,
+            interval: 1 << p.interval_exp.min(31),
+            metadata_size: p.metadata_size,
+            pi_offset: p.pi_offset,
+            checksum: Checksum::from_raw(p.csum_type),
+            tag_size: p.tag_size,
+        }
+    }
+}
+
 /// All parameter groups; `None` groups are not sent.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Params {
@@ -134,7 +311,7 @@ pub struct Params {
     /// Zoned device limits.
     pub zoned: Option<ZonedParams>,
     /// Integrity metadata (`UBLK_PARAM_TYPE_INTEGRITY`, needs `UBLK_F_INTEGRITY`).
-    pub integrity: Option<ublk_param_integrity>,
+    pub integrity: Option<IntegrityParams>,
 }
 
 fn shift_of(what: &str, v: u32) -> Result<u8> {
@@ -216,6 +393,9 @@ impl Params {
                 )));
             }
         }
+        if let Some(i) = &self.integrity {
+            i.validate(b.logical_block_size)?;
+        }
         if let Some(a) = self.dma_alignment {
             if !a.wrapping_add(1).is_power_of_two() {
                 return Err(Error::config(format!(
@@ -284,7 +464,7 @@ impl Params {
         }
         if let Some(i) = self.integrity {
             p.types |= ublk_sys::UBLK_PARAM_TYPE_INTEGRITY;
-            p.integrity = i;
+            p.integrity = i.to_raw();
         }
         p
     }
@@ -326,7 +506,8 @@ impl Params {
                 max_active_zones: p.zoned.max_active_zones,
                 max_zone_append_sectors: p.zoned.max_zone_append_sectors,
             }),
-            integrity: has(ublk_sys::UBLK_PARAM_TYPE_INTEGRITY).then_some(p.integrity),
+            integrity: has(ublk_sys::UBLK_PARAM_TYPE_INTEGRITY)
+                .then(|| IntegrityParams::from_raw(&p.integrity)),
         }
     }
 }
@@ -363,6 +544,74 @@ mod tests {
         let back = Params::from_raw(&raw);
         assert_eq!(back.basic, Some(b));
         assert_eq!(back.discard, p.discard);
+    }
+
+    #[test]
+    fn integrity_round_trips_and_is_checked_as_the_kernel_does() {
+        let b = BasicParams::new(1 << 20, 1 << 19);
+        let nvme = IntegrityParams {
+            caps: PiCaps::INTEGRITY | PiCaps::REFTAG,
+            pi_offset: 48,
+            checksum: Checksum::Nvme,
+            ..IntegrityParams::new(64)
+        };
+        let p = Params {
+            integrity: Some(nvme),
+            ..Params::basic(b)
+        };
+        p.validate().unwrap();
+        let raw = p.to_raw();
+        assert_ne!(raw.types & ublk_sys::UBLK_PARAM_TYPE_INTEGRITY, 0);
+        assert_eq!(
+            (
+                raw.integrity.flags,
+                raw.integrity.interval_exp,
+                raw.integrity.csum_type
+            ),
+            (3, 9, 4)
+        );
+        assert_eq!(Params::from_raw(&raw).integrity, Some(nvme));
+        // 64 bytes per 512: a 4 KiB request has 512 bytes of metadata.
+        assert_eq!(nvme.metadata_len(4096), 512);
+        assert_eq!(nvme.data_len(512), 4096);
+        let check = |i: IntegrityParams, needle: &str| {
+            let p = Params {
+                integrity: Some(i),
+                ..Params::basic(b)
+            };
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e:?} does not mention {needle:?}");
+        };
+        check(IntegrityParams::new(0), "at least 1 byte");
+        check(
+            IntegrityParams {
+                pi_offset: 56,
+                checksum: Checksum::Nvme,
+                ..IntegrityParams::new(64)
+            },
+            "does not fit in 64 bytes",
+        );
+        check(
+            IntegrityParams {
+                caps: PiCaps::REFTAG,
+                ..IntegrityParams::new(8)
+            },
+            "needs a protection-information checksum",
+        );
+        check(
+            IntegrityParams {
+                interval: 4096,
+                ..IntegrityParams::new(8)
+            },
+            "logical block size 512",
+        );
+        check(
+            IntegrityParams {
+                checksum: Checksum::Other(3),
+                ..IntegrityParams::new(8)
+            },
+            "unknown protection-information checksum type 3",
+        );
     }
 
     #[test]

@@ -250,6 +250,12 @@ pub struct Request<'a> {
     pub desc: IoDesc,
     /// The data.
     pub buf: IoBuf<'a>,
+    /// The request's integrity metadata (`UBLK_F_INTEGRITY` with user
+    /// copy, requests flagged [`IoFlags::INTEGRITY`]): the metadata of
+    /// every interval of the data, in order (its length is
+    /// [`crate::IntegrityParams::metadata_len`] of the data's). A write's
+    /// metadata on entry; fill it for a read. `None` for requests without.
+    pub integrity: Option<&'a mut [u8]>,
 }
 
 /// What a target did with a request.
@@ -513,6 +519,7 @@ mod tests {
                 ..Default::default()
             }),
             buf: IoBuf::None,
+            integrity: None,
         };
         // Through a generic parameter, as `Device::run` takes targets.
         fn serve<T: Target>(mut t: T, sub: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {

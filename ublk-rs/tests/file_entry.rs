@@ -79,6 +79,7 @@ fn req<'a>(d: IoDesc, buf: IoBuf<'a>) -> Request<'a> {
         tag: 3,
         desc: d,
         buf,
+        integrity: None,
     }
 }
 

@@ -312,6 +312,60 @@ pub struct DevOptions {
     #[arg(long = "max_segments", alias = "max-segments", value_parser = clap::value_parser!(u16).range(1..))]
     #[serde(default)]
     pub max_segments: Option<u16>,
+    /// Integrity metadata: bytes of it per logical block, 1..=255
+    /// (UBLK_F_INTEGRITY; needs -u). Null keeps none; loop keeps it in a
+    /// second backing file after the data file (this many bytes per block
+    /// of data), which add fills with 0xff ("no protection information").
+    #[arg(long = "metadata_size", alias = "metadata-size", value_parser = clap::value_parser!(u8).range(1..), help_heading = "Integrity")]
+    #[serde(default)]
+    pub metadata_size: Option<u8>,
+    /// The device checks the protection information itself, so the block
+    /// layer neither generates nor verifies it (LBMD_PI_CAP_INTEGRITY).
+    #[arg(
+        long = "integrity_capable",
+        alias = "integrity-capable",
+        help_heading = "Integrity"
+    )]
+    #[serde(default)]
+    pub integrity_capable: bool,
+    /// The reference tag (the block's sector) is checked too
+    /// (LBMD_PI_CAP_REFTAG; needs --csum_type).
+    #[arg(
+        long = "integrity_reftag",
+        alias = "integrity-reftag",
+        help_heading = "Integrity"
+    )]
+    #[serde(default)]
+    pub integrity_reftag: bool,
+    /// Where the protection information starts in each block's metadata
+    /// (default 0).
+    #[arg(
+        long = "pi_offset",
+        alias = "pi-offset",
+        value_name = "BYTES",
+        help_heading = "Integrity"
+    )]
+    #[serde(default)]
+    pub pi_offset: Option<u8>,
+    /// The protection information's checksum (default: none, the metadata
+    /// is opaque).
+    #[arg(
+        long = "csum_type",
+        alias = "csum-type",
+        value_enum,
+        help_heading = "Integrity"
+    )]
+    #[serde(default)]
+    pub csum_type: Option<CsumTypeArg>,
+    /// Bytes of the application tag the device keeps (default 0).
+    #[arg(
+        long = "tag_size",
+        alias = "tag-size",
+        value_name = "BYTES",
+        help_heading = "Integrity"
+    )]
+    #[serde(default)]
+    pub tag_size: Option<u8>,
     /// An unprivileged device (UBLK_F_UNPRIVILEGED_DEV).
     #[arg(long)]
     pub unprivileged: bool,
@@ -708,9 +762,28 @@ impl BackingArgs {
 }
 
 impl AddArgs {
-    /// The backing file, from `-f` or the positional argument.
+    /// The backing file, from `-f` or the positional argument (the loop
+    /// target with --metadata_size: the first of its two).
     pub fn backing_file(&self) -> anyhow::Result<Option<&PathBuf>> {
-        self.backing.file()
+        match self.loop_metadata_file()? {
+            Some(_) => Ok(self.backing.all().first().copied()),
+            None => self.backing.file(),
+        }
+    }
+
+    /// The loop target's metadata file with --metadata_size: the second
+    /// of its two files.
+    pub fn loop_metadata_file(&self) -> anyhow::Result<Option<&PathBuf>> {
+        if self.target != Some(TargetKind::Loop) || self.dev.metadata_size.is_none() {
+            return Ok(None);
+        }
+        match self.backing.all().as_slice() {
+            [_, meta] => Ok(Some(meta)),
+            files => Err(crate::usage(format!(
+                "the loop target with --metadata_size takes two files, the data and the metadata file (got {})",
+                files.len()
+            ))),
+        }
     }
 }
 
@@ -762,6 +835,58 @@ pub enum QueueAffinityArg {
     QueueCpus,
     /// Not pinned.
     Unpinned,
+}
+
+/// `--csum_type`: kublk's names of the protection-information checksums.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CsumTypeArg {
+    /// IP checksum (T10-DIF-TYPE*-IP, 8-byte tuple).
+    Ip,
+    /// CRC16 T10-DIF (T10-DIF-TYPE*-CRC, 8-byte tuple).
+    T10dif,
+    /// CRC64 NVMe (EXT-DIF-TYPE*-CRC64, 16-byte tuple).
+    Nvme,
+}
+
+impl From<CsumTypeArg> for ublk::Checksum {
+    fn from(c: CsumTypeArg) -> Self {
+        match c {
+            CsumTypeArg::Ip => Self::Ip,
+            CsumTypeArg::T10dif => Self::T10Dif,
+            CsumTypeArg::Nvme => Self::Nvme,
+        }
+    }
+}
+
+impl DevOptions {
+    /// Whether any integrity option other than --metadata_size is given.
+    pub fn integrity_options(&self) -> bool {
+        self.integrity_capable
+            || self.integrity_reftag
+            || self.pi_offset.is_some()
+            || self.csum_type.is_some()
+            || self.tag_size.is_some()
+    }
+
+    /// The integrity parameters these options ask for, with intervals of
+    /// `lbs` bytes (`None` without --metadata_size).
+    pub fn integrity(&self, lbs: u32) -> Option<ublk::IntegrityParams> {
+        let metadata_size = self.metadata_size?;
+        let mut caps = ublk::PiCaps::empty();
+        caps.set(ublk::PiCaps::INTEGRITY, self.integrity_capable);
+        caps.set(ublk::PiCaps::REFTAG, self.integrity_reftag);
+        Some(ublk::IntegrityParams {
+            caps,
+            interval: lbs,
+            pi_offset: self.pi_offset.unwrap_or(0),
+            checksum: self.csum_type.map_or(ublk::Checksum::None, Into::into),
+            tag_size: self.tag_size.unwrap_or(0),
+            ..ublk::IntegrityParams::new(metadata_size)
+        })
+    }
 }
 
 impl From<QueueAffinityArg> for ublk::QueueAffinity {

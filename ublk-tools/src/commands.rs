@@ -151,6 +151,7 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
         (a.dev.no_auto_part_scan, Features::NO_AUTO_PART_SCAN),
         (a.dev.batch, Features::BATCH_IO),
         (a.dev.shmem_zc, Features::SHMEM_ZC),
+        (a.dev.metadata_size.is_some(), Features::INTEGRITY),
     ] {
         if on {
             flags |= f;
@@ -170,6 +171,17 @@ fn plan(a: &AddArgs) -> anyhow::Result<(CopyMode, Features)> {
     if a.dev.batch && a.dev.per_io_tasks && a.dev.nthreads.is_some_and(|n| n != a.dev.queues) {
         return Err(usage(
             "batch I/O (-b) serves whole queues, --per_io_tasks spreads them: choose one",
+        ));
+    }
+    // As kublk: integrity needs user copy, and its options need a size.
+    if a.dev.metadata_size.is_some() && mode != CopyMode::UserCopy {
+        return Err(usage(
+            "integrity metadata (--metadata_size) needs user copy (-u)",
+        ));
+    }
+    if a.dev.metadata_size.is_none() && a.dev.integrity_options() {
+        return Err(usage(
+            "--integrity_capable, --integrity_reftag, --pi_offset, --csum_type and --tag_size need --metadata_size",
         ));
     }
     if a.dev.unprivileged && recovery {
@@ -295,6 +307,19 @@ fn check_arguments(a: &AddArgs) -> anyhow::Result<()> {
         return Err(usage(
             "--host, --port, --unix, --export_name and --reconnect_timeout are options of the nbd target (-t nbd)",
         ));
+    }
+    if a.dev.metadata_size.is_some() && !matches!(kind, TargetKind::Null | TargetKind::Loop) {
+        return Err(usage("--metadata_size works with -t null and loop"));
+    }
+    if let Some(i) = a.dev.integrity(a.dev.logical_block_size.unwrap_or(512)) {
+        let check = Params {
+            integrity: Some(i),
+            ..Params::basic(BasicParams::new(1 << 20, 1 << 20))
+        };
+        check.validate().map_err(|e| match e {
+            ublk::Error::Config(msg) => usage(msg),
+            e => e.into(),
+        })?;
     }
     let files = a.backing.all();
     match kind {
@@ -438,6 +463,49 @@ fn open_backings(a: &AddArgs, kind: TargetKind) -> anyhow::Result<Vec<Backing>> 
     Ok(backings)
 }
 
+/// The loop target's metadata file (--metadata_size with a second file),
+/// opened without O_DIRECT (its accesses are a few bytes per block), and
+/// its size; refused if it holds no block's metadata.
+fn open_metadata(a: &AddArgs) -> anyhow::Result<Option<(File, PathBuf, u64)>> {
+    let (Some(path), Some(entry)) = (a.loop_metadata_file()?, a.dev.metadata_size) else {
+        return Ok(None);
+    };
+    let shown = path.display();
+    let f = File::options()
+        .read(true)
+        .write(!a.dev.read_only)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow!("metadata file {shown} does not exist"),
+            _ => anyhow!("cannot open metadata file {shown}: {e}"),
+        })?;
+    let size = rustix::fs::seek(&f, rustix::fs::SeekFrom::End(0))
+        .with_context(|| format!("cannot read the size of metadata file {shown}"))?;
+    if size < u64::from(entry) {
+        bail!(
+            "metadata file {shown} ({size} bytes) is smaller than one block's {entry} bytes of metadata: make it 1/{} of the data file's size, e.g. truncate -s SIZE {shown}",
+            512 / u32::from(entry).min(512)
+        );
+    }
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    Ok(Some((f, path, size)))
+}
+
+/// Fills the first `len` bytes of the metadata file `f` with 0xff: an
+/// application tag of 0xffff tells the block layer to check nothing, so
+/// blocks never written read back without errors (what kublk does).
+fn clear_metadata(f: &File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let chunk = vec![0xffu8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_data()
+}
+
 /// The size of a stripe over `backings`: [`ublk::targets::stripe::stripe_capacity`],
 /// its refusal said with the files' names.
 fn stripe_size(a: &AddArgs, backings: &[Backing]) -> anyhow::Result<u64> {
@@ -469,6 +537,7 @@ fn stripe_size(a: &AddArgs, backings: &[Backing]) -> anyhow::Result<u64> {
 fn precheck(a: &AddArgs, recover: bool) -> anyhow::Result<()> {
     check_arguments(a)?;
     drop(open_backings(a, target_kind(a)?)?);
+    drop(open_metadata(a)?);
     drop(open_htlb(a)?);
     let ctrl = open_control()?;
     let (b, _) = builder(a, ctrl.features())?;
@@ -714,6 +783,25 @@ fn serve(
         .map(|b| b.logical_block_size)
         .max()
         .unwrap_or(a.dev.logical_block_size.unwrap_or(512));
+    let integrity = a.dev.integrity(lbs);
+    let metadata = open_metadata(a)?;
+    // The device ends where the data or the metadata file does.
+    let size = match (&metadata, integrity) {
+        (Some((_, path, len)), Some(i)) => {
+            let covered = i.data_len(*len) / u64::from(lbs) * u64::from(lbs);
+            if covered < size {
+                log::warn!(
+                    "metadata file {} covers {covered} bytes of data: the device has {covered} of {size}",
+                    path.display()
+                );
+            }
+            size.min(covered)
+        }
+        _ => size,
+    };
+    if size == 0 {
+        bail!("the device would have no whole logical block of {lbs} bytes");
+    }
     // One file's traits (loop, fault_inject over a file); a stripe has
     // several and offers no discard.
     let backing = backings.first().filter(|_| kind != TargetKind::Stripe);
@@ -773,7 +861,15 @@ fn serve(
         }
         let mut params = Params::basic(basic);
         (params.dma_alignment, params.segment) = queue_limits(a, kind)?;
-        params.discard = backing.and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
+        // A discarded range would keep its old metadata: no discard with it.
+        params.discard = backing
+            .filter(|_| integrity.is_none())
+            .and_then(|b| discard_params(b.discard, b.write_zeroes, lbs));
+        params.integrity = integrity;
+        if let (Some((f, path, _)), Some(i), false) = (&metadata, integrity, a.dev.read_only) {
+            clear_metadata(f, i.metadata_len(size))
+                .with_context(|| format!("cannot initialise metadata file {}", path.display()))?;
+        }
         if let Some(n) = &nbd {
             // The export decides sizes, caching and what it takes.
             params = ublk::targets::nbd::params_for(&n.info, dev.info().max_io_buf_bytes());
@@ -905,8 +1001,12 @@ fn serve(
         StartKind::Start
     };
     let faults = &a.target_opts;
+    let metadata_file = metadata.map(|(f, _, _)| Arc::new(f));
     let loop_over = |file: &Arc<File>| {
-        let t = loop_target(Arc::clone(file), read_only);
+        let mut t = loop_target(Arc::clone(file), read_only);
+        if let (Some(f), Some(i)) = (&metadata_file, integrity) {
+            t = t.metadata(Arc::clone(f), i);
+        }
         if a.dev.shmem_zc {
             t.shmem(Arc::clone(&shmem))
         } else {
@@ -1202,6 +1302,12 @@ pub struct Listing {
     /// Nbd: the server and the connection's state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nbd: Option<crate::nbd::NbdState>,
+    /// Integrity: metadata bytes per logical block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_size: Option<u8>,
+    /// Loop with integrity: where the metadata is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_file: Option<PathBuf>,
 }
 
 /// One queue as `list` shows it.
@@ -1258,6 +1364,11 @@ fn listing(ctrl: &Control, id: u32) -> anyhow::Result<Listing> {
         direct_io: st.as_ref().and_then(|s| s.direct_io),
         size: st.as_ref().map(|s| s.size),
         nbd: st.as_ref().and_then(|s| s.nbd.clone()),
+        metadata_size: st.as_ref().and_then(|s| s.options.dev.metadata_size),
+        metadata_file: st.as_ref().and_then(|s| {
+            let f = s.options.loop_metadata_file().ok().flatten()?;
+            Some(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
+        }),
     })
 }
 
@@ -1290,11 +1401,15 @@ pub fn format_listing(l: &Listing) -> String {
             }
         }
         (Some(t @ (TargetKind::Loop | TargetKind::FaultInject)), Some(f)) => s.push_str(&format!(
-            "\ttarget {} backing_file {} size {} direct_io {}\n",
+            "\ttarget {} backing_file {} size {} direct_io {}{}\n",
             target_name(t),
             f.display(),
             l.size.unwrap_or(0),
-            u8::from(l.direct_io.unwrap_or(false))
+            u8::from(l.direct_io.unwrap_or(false)),
+            match &l.metadata_file {
+                Some(m) => format!(" metadata_file {}", m.display()),
+                None => String::new(),
+            }
         )),
         (Some(TargetKind::Stripe), _) => {
             let files: Vec<String> = l
@@ -1316,6 +1431,9 @@ pub fn format_listing(l: &Listing) -> String {
             l.size.unwrap_or(0)
         )),
         (None, _) => s.push_str("\ttarget unknown (no state file)\n"),
+    }
+    if let Some(m) = l.metadata_size {
+        s.push_str(&format!("\tintegrity metadata_size {m}\n"));
     }
     s
 }
@@ -1387,6 +1505,8 @@ mod tests {
             direct_io: None,
             size: Some(250 << 30),
             nbd: None,
+            metadata_size: None,
+            metadata_file: None,
         };
         let text = format_listing(&l);
         let lines: Vec<&str> = text.lines().collect();

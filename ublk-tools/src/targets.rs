@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ublk::targets::nbd::NbdTarget;
-use ublk::{FaultInject, FileTarget, Handled, Request, StripeTarget, Submit, Target};
+use ublk::{FaultInject, FileTarget, Handled, Op, Request, StripeTarget, Submit, Target};
 
 use crate::cli::TargetOptions;
 
@@ -19,6 +19,11 @@ pub struct NullTarget;
 impl Target for NullTarget {
     #[inline]
     fn handle(&mut self, _: &mut Submit<'_, '_>, req: Request<'_>) -> Handled {
+        // Metadata (--metadata_size) read back as 0xff: "no protection
+        // information", which the block layer does not check.
+        if let (Op::Read, Some(m)) = (req.desc.op, req.integrity) {
+            m.fill(0xff);
+        }
         Handled::Done(req.desc.len() as i32)
     }
 }

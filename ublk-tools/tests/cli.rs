@@ -358,6 +358,26 @@ fn argument_checks_come_before_the_driver_check() {
             "ublk: --nthreads other than the number of queues needs --per_io_tasks",
         ),
         (
+            &["add", "-t", "null", "--metadata_size", "8"],
+            "ublk: integrity metadata (--metadata_size) needs user copy (-u)",
+        ),
+        (
+            &["add", "-t", "null", "-u", "--csum_type", "ip"],
+            "ublk: --integrity_capable, --integrity_reftag, --pi_offset, --csum_type and --tag_size need --metadata_size",
+        ),
+        (
+            &["add", "-t", "stripe", "-u", "--metadata_size", "8", "a", "b"],
+            "ublk: --metadata_size works with -t null and loop",
+        ),
+        (
+            &["add", "-t", "null", "-u", "--metadata_size", "8", "--integrity_reftag"],
+            "ublk: a reference tag needs a protection-information checksum",
+        ),
+        (
+            &["add", "-t", "null", "-u", "--metadata_size", "0"],
+            "ublk: invalid value '0' for '--metadata_size <METADATA_SIZE>': 0 is not in 1..=255",
+        ),
+        (
             &["add", "-t", "null", "-b", "-g"],
             "ublk: batch I/O (-b) does not work with NEED_GET_DATA (-g)",
         ),

@@ -475,3 +475,211 @@ fn batch_threads_serve_whole_queues() {
         ok(&["del", "-n", &id.to_string()]);
     }
 }
+
+fn sysfs(id: u32, attr: &str) -> String {
+    std::fs::read_to_string(format!("/sys/block/ublkb{id}/integrity/{attr}"))
+        .unwrap_or_else(|e| panic!("ublkb{id} integrity/{attr}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn integrity_parameters_reach_the_block_layer() {
+    if skip(
+        "integrity_parameters_reach_the_block_layer",
+        "UBLK_F_INTEGRITY",
+    ) {
+        return;
+    }
+    let _cleanup = Cleanup;
+    // (options, format, device_is_integrity_capable, tag_size)
+    let cases: &[(&[&str], &str, &str, &str)] = &[
+        (&["--metadata_size", "8"], "nop", "0", "0"),
+        (
+            &[
+                "--metadata_size",
+                "64",
+                "--pi_offset",
+                "56",
+                "--csum_type",
+                "ip",
+                "--integrity_capable",
+            ],
+            "T10-DIF-TYPE3-IP",
+            "1",
+            "0",
+        ),
+        (
+            &[
+                "--metadata_size",
+                "8",
+                "--csum_type",
+                "t10dif",
+                "--integrity_reftag",
+            ],
+            "T10-DIF-TYPE1-CRC",
+            "0",
+            "0",
+        ),
+        (
+            &[
+                "--metadata_size",
+                "16",
+                "--csum_type",
+                "nvme",
+                "--tag_size",
+                "8",
+            ],
+            "EXT-DIF-TYPE3-CRC64",
+            "0",
+            "8",
+        ),
+    ];
+    for &(opts, format, capable, tag_size) in cases {
+        let mut args = vec!["add", "-t", "null", "-u", "--size", "64M"];
+        args.extend_from_slice(opts);
+        let out = ok(&args);
+        let id = first_id(&out);
+        assert!(out.contains("\tintegrity metadata_size "), "{out}");
+        assert_eq!(
+            (
+                sysfs(id, "format"),
+                sysfs(id, "device_is_integrity_capable"),
+                sysfs(id, "tag_size")
+            ),
+            (format.to_owned(), capable.to_owned(), tag_size.to_owned()),
+            "{opts:?}"
+        );
+        assert_eq!(sysfs(id, "protection_interval_bytes"), "512");
+        // The null target's reads carry "no protection information" metadata,
+        // which the block layer accepts whatever the format.
+        sh(&format!(
+            "dd if=/dev/ublkb{id} of=/dev/null bs=64k count=16 iflag=direct status=none"
+        ));
+        ok(&["del", "-n", &id.to_string()]);
+    }
+    // Refused by the kernel's rules, before any device exists.
+    fails(
+        &[
+            "add",
+            "-t",
+            "null",
+            "-u",
+            "--metadata_size",
+            "8",
+            "--csum_type",
+            "nvme",
+        ],
+        "the 16-byte protection information at offset 0 does not fit in 8 bytes of metadata",
+    );
+    assert!(ublk_nodes().is_empty(), "{:?}", ublk_nodes());
+}
+
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn integrity_metadata_round_trips_through_a_loop_device() {
+    if skip(
+        "integrity_metadata_round_trips_through_a_loop_device",
+        "UBLK_F_INTEGRITY",
+    ) {
+        return;
+    }
+    let _cleanup = Cleanup;
+    // kublk's integrity_03 layout: 64 bytes per block, NVMe PI at 48, the
+    // reference tag checked. The block layer makes and checks the PI; we
+    // only carry it, so a verify that passes proves the round trip.
+    let data = image("integrity-data.img", "64M");
+    let meta = image("integrity-meta.img", "8M");
+    let (d, m) = (data.to_str().unwrap(), meta.to_str().unwrap());
+    let pi = [
+        "-u",
+        "-r",
+        "1",
+        "--metadata_size",
+        "64",
+        "--pi_offset",
+        "48",
+        "--csum_type",
+        "nvme",
+        "--integrity_reftag",
+    ];
+    let mut args = vec!["add", "-t", "loop"];
+    args.extend_from_slice(&pi);
+    args.extend([d, m]);
+    let out = ok(&args);
+    let id = first_id(&out);
+    assert!(out.contains(&format!(" metadata_file {m}")), "{out}");
+    // add starts the metadata at 0xff: unwritten blocks read without errors.
+    sh(&format!(
+        "dd if=/dev/ublkb{id} of=/dev/null bs=1M iflag=direct status=none"
+    ));
+    let verify = format!(
+        "fio --name=v --filename=/dev/ublkb{id} --direct=1 --ioengine=io_uring --rw=randwrite \
+         --bsrange=512-256k --iodepth=16 --size=64M --io_size=16M --verify=crc32c --verify_fatal=1 \
+         --do_verify=1 --verify_state_save=0 --output-format=terse --terse-version=3 \
+         | awk -F';' '/^3;/ {{ n++; if ($5 != 0) bad = 1 }} END {{ exit bad || n != 1 }}'"
+    );
+    sh(&verify);
+    // Written blocks have their PI in the metadata file: not 0xff any more.
+    let pi_bytes = || {
+        sh(&format!(
+            "od -An -v -tx1 {m} | tr -s ' ' '\\n' | grep -E '^[0-9a-f]{{2}}$' | grep -vc '^ff$' || true"
+        ))
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+    };
+    let written = pi_bytes();
+    assert!(written > 0, "the metadata file is all 0xff");
+
+    // The metadata survives a killed daemon: recovery does not reset it,
+    // so every block written still reads back through the PI check.
+    kill9(id);
+    recover(id);
+    assert_eq!(pi_bytes(), written, "recovery changed the metadata file");
+    sh(&format!(
+        "dd if=/dev/ublkb{id} of=/dev/null bs=1M iflag=direct status=none"
+    ));
+
+    // Write block 0, then break its reference tag in the metadata file:
+    // the read fails with EILSEQ, as kublk's integrity_03 expects.
+    sh(&format!(
+        "dd if=/dev/urandom of=/dev/ublkb{id} bs=512 count=1 oflag=direct,dsync status=none"
+    ));
+    sh(&format!("printf '\\001\\002\\003\\004\\005\\006' | dd of={m} bs=1 seek=58 conv=notrunc oflag=dsync status=none"));
+    let o = sh_out(&format!(
+        "dd if=/dev/ublkb{id} of=/dev/null bs=512 count=1 iflag=direct"
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a read with a broken reference tag succeeded"
+    );
+    assert!(
+        err.contains("Invalid or incomplete multibyte or wide character"),
+        "{err}"
+    );
+    ok(&["del", "-n", &id.to_string()]);
+
+    // Bad input: one clear line, no device.
+    fails(
+        &["add", "-t", "loop", "-u", "--metadata_size", "64", d],
+        "the loop target with --metadata_size takes two files, the data and the metadata file (got 1)",
+    );
+    let tiny = image("integrity-tiny.img", "32");
+    fails(
+        &[
+            "add",
+            "-t",
+            "loop",
+            "-u",
+            "--metadata_size",
+            "64",
+            d,
+            tiny.to_str().unwrap(),
+        ],
+        "is smaller than one block's 64 bytes of metadata",
+    );
+    assert!(ublk_nodes().is_empty(), "{:?}", ublk_nodes());
+}

@@ -187,6 +187,11 @@ impl Queue<'_> {
             if let Err(res) = self.user_copy(io, d.len(), false) {
                 return self.finish(io, res);
             }
+            if d.flags.contains(IoFlags::INTEGRITY) {
+                if let Err(res) = self.user_copy_metadata(io, d.len(), false) {
+                    return self.finish(io, res);
+                }
+            }
         }
         let registered = self.states.get(io.get()).is_some_and(|t| t.registered);
         let target_entries = self.target_inflight;
@@ -201,6 +206,10 @@ impl Queue<'_> {
                 &mut self.completed,
             )
             .after_registration(registered);
+            let (bufs, meta) = match self.queues.get_mut(s.qi) {
+                Some(q) => (q.bufs.as_mut(), q.meta.as_mut()),
+                None => (None, None),
+            };
             let buf = match buf_kind {
                 _ if d.flags.contains(IoFlags::SHMEM_ZC) => IoBuf::Shmem {
                     index: (d.addr >> ublk_sys::UBLK_SHMEM_ZC_IDX_OFF) as u16,
@@ -208,15 +217,16 @@ impl Queue<'_> {
                 },
                 BufKind::None => IoBuf::None,
                 BufKind::Fixed => IoBuf::Fixed(io.0),
-                BufKind::Mem => match self
-                    .queues
-                    .get_mut(s.qi)
-                    .and_then(|q| q.bufs.as_mut())
-                    .and_then(|b| b.slice_mut(usize::from(s.tag), d.len()))
-                {
+                BufKind::Mem => match bufs.and_then(|b| b.slice_mut(usize::from(s.tag), d.len())) {
                     Some(s) => IoBuf::Mem(s),
                     None => IoBuf::None,
                 },
+            };
+            let integrity = match (self.cfg.integrity, meta) {
+                (Some(i), Some(m)) if d.flags.contains(IoFlags::INTEGRITY) => {
+                    m.slice_mut(usize::from(s.tag), i.metadata_len(d.len() as u64) as usize)
+                }
+                _ => None,
             };
             target.handle(
                 &mut sub,
@@ -225,6 +235,7 @@ impl Queue<'_> {
                     tag: s.tag,
                     desc: d,
                     buf,
+                    integrity,
                 },
             )
         };
@@ -302,14 +313,53 @@ impl Queue<'_> {
         }
     }
 
+    /// pread (`to_kernel` false) or pwrite the metadata of `data_len`
+    /// bytes of the request's data through the char device (integrity).
+    fn user_copy_metadata(
+        &mut self,
+        io: IoIndex,
+        data_len: usize,
+        to_kernel: bool,
+    ) -> Result<(), i32> {
+        let s = self.slot(io);
+        let Some(i) = self.cfg.integrity else {
+            return Err(-libc::EIO);
+        };
+        let len = i.metadata_len(data_len as u64) as usize;
+        let off = user_copy_offset(s.q_id, s.tag, 0) | ublk_sys::UBLKSRV_IO_INTEGRITY_FLAG;
+        let Some(buf) = self
+            .queues
+            .get_mut(s.qi)
+            .and_then(|q| q.meta.as_mut())
+            .and_then(|b| b.slice_mut(usize::from(s.tag), len))
+        else {
+            return Err(-libc::EIO);
+        };
+        let r = if to_kernel {
+            rustix::io::pwrite(self.cdev, buf, off)
+        } else {
+            rustix::io::pread(self.cdev, buf, off)
+        };
+        match r {
+            Ok(n) if n == len => Ok(()),
+            Ok(_) => Err(-libc::EIO),
+            Err(e) => Err(-e.raw_os_error()),
+        }
+    }
+
     /// Completes `io` with `res`: copies read data out (user copy), drops a
     /// buffer registration, and commits (which also fetches the next request).
     pub(super) fn finish(&mut self, io: IoIndex, mut res: i32) {
         let state = self.states.get(io.get()).copied().unwrap_or_default();
         if let (CopyMode::UserCopy, Some(d)) = (self.cfg.mode, state.desc) {
             if d.op == Op::Read && res > 0 && !d.flags.contains(IoFlags::SHMEM_ZC) {
-                if let Err(e) = self.user_copy(io, (res as usize).min(d.len()), true) {
+                let done = (res as usize).min(d.len());
+                if let Err(e) = self.user_copy(io, done, true) {
                     res = e;
+                } else if d.flags.contains(IoFlags::INTEGRITY) {
+                    if let Err(e) = self.user_copy_metadata(io, done, true) {
+                        res = e;
+                    }
                 }
             }
         }

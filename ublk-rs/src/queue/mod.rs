@@ -114,6 +114,10 @@ pub struct QueueConfig {
     /// `--no_ublk_fixed_fd`; slot 0 stays empty, so a target's files keep
     /// their indices).
     pub no_fixed_cdev: bool,
+    /// The device's integrity parameters (`UBLK_F_INTEGRITY`, user copy
+    /// only): requests flagged [`crate::IoFlags::INTEGRITY`] get their
+    /// metadata in [`crate::target::Request::integrity`].
+    pub integrity: Option<crate::IntegrityParams>,
 }
 
 /// A worker's io index: the position of one (queue, tag) pair in the list
@@ -223,6 +227,8 @@ struct QueueMem {
     q_id: u16,
     descs: DescArray,
     bufs: Option<IoBuffers>,
+    /// Per-tag metadata buffers (integrity with user copy).
+    meta: Option<IoBuffers>,
 }
 
 /// A queue ready to serve — or, with `UBLK_F_PER_IO_DAEMON`, any set of
@@ -353,10 +359,18 @@ impl<'fd> Queue<'fd> {
                         .has_buffers()
                         .then(|| IoBuffers::new(usize::from(cfg.depth), cfg.max_io_bytes as usize))
                         .transpose()?;
+                    let meta = match (cfg.integrity, cfg.mode) {
+                        (Some(i), CopyMode::UserCopy) => Some(IoBuffers::new(
+                            usize::from(cfg.depth),
+                            i.metadata_len(u64::from(cfg.max_io_bytes)) as usize,
+                        )?),
+                        _ => None,
+                    };
                     queues.push(QueueMem {
                         q_id,
                         descs: DescArray::map(cdev, q_id, cfg.depth)?,
                         bufs,
+                        meta,
                     });
                     queues.len() - 1
                 }

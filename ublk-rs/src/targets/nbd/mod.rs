@@ -1002,6 +1002,7 @@ mod tests {
                         addr: 0,
                     },
                     buf,
+                    integrity: None,
                 };
                 let (submitter, mut sq, _) = ring.split();
                 let mut sub = Submit::new(&mut sq, &submitter, &mut inflight, 0, &mut completed);
