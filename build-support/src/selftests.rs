@@ -68,6 +68,10 @@ const TIMED_OUT: [i32; 2] = [124, 137];
 /// The file in the log directory the guest appends one line per test to:
 /// `STATUS SECONDS NAME`.
 const RESULTS_FILE: &str = "results";
+/// What `kublk features` (the server under test) printed in the guest.
+const FEATURES_FILE: &str = "features";
+/// The reason [`verdict`] gives a skip that printed none.
+const NO_REASON: &str = "exit 4, no reason printed";
 
 /// What one script did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,11 +145,7 @@ pub fn verdict(status: i32, output: &str, per_test_timeout: u64) -> Verdict {
     }
     match status {
         0 => Verdict::Pass,
-        KSFT_SKIP => Verdict::Skip(
-            last_message(output)
-                .unwrap_or("exit 4, no reason printed")
-                .to_owned(),
-        ),
+        KSFT_SKIP => Verdict::Skip(last_message(output).unwrap_or(NO_REASON).to_owned()),
         s => Verdict::Fail(match last_message(output) {
             Some(why) => format!("exit {s}: {why}"),
             None => format!("exit {s}"),
@@ -199,6 +199,7 @@ fn guest_script(
     // guest's devtmpfs lacks.
     s += "[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd\n";
     s += "cd \"$st_dir\" || exit 125\nexport TMPDIR=\"$st_dir/work\"\n";
+    s += &format!("./kublk features >\"$logs/{FEATURES_FILE}\" 2>&1\n");
     for t in tests {
         let name = shell_quote(t);
         s += &format!(
@@ -212,6 +213,35 @@ fn guest_script(
     }
     s += "exit 0\n";
     Ok(s)
+}
+
+/// The `UBLK_F_*` flags a test `script` checks for (with the suite's
+/// `_have_feature NAME`, or `-z` which its `_create_ublk_dev` checks) that
+/// `features` (`kublk features` in the guest) does not list: why a test
+/// that exited 4 without a word skipped.
+fn missing_features(script: &str, features: &str) -> Vec<String> {
+    let mut wanted: Vec<&str> = script
+        .split("_have_feature \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    if script.contains(" -z") {
+        wanted.push("ZERO_COPY");
+    }
+    let mut missing: Vec<String> = wanted
+        .into_iter()
+        .filter(|w| !features.contains(w))
+        .map(|w| {
+            let w = w.strip_prefix("UBLK_F_").unwrap_or(w);
+            match w {
+                "ZERO_COPY" => "UBLK_F_SUPPORT_ZERO_COPY".to_owned(),
+                w => format!("UBLK_F_{w}"),
+            }
+        })
+        .collect();
+    missing.sort();
+    missing.dedup();
+    missing
 }
 
 /// Parses the guest's results file: `(name, status, seconds)` per line.
@@ -284,8 +314,20 @@ pub fn run_suite(
             let log =
                 std::fs::read_to_string(log_dir.join(format!("{name}.log"))).unwrap_or_default();
             remaining.retain(|t| *t != name);
+            let mut verdict = verdict(status, &log, per_test_timeout);
+            if matches!(&verdict, Verdict::Skip(why) if why == NO_REASON) {
+                let script =
+                    std::fs::read_to_string(peers.selftests.join(format!("test_{name}.sh")))
+                        .unwrap_or_default();
+                let features =
+                    std::fs::read_to_string(log_dir.join(FEATURES_FILE)).unwrap_or_default();
+                let missing = missing_features(&script, &features);
+                if !missing.is_empty() {
+                    verdict = Verdict::Skip(format!("the kernel lacks {}", missing.join(", ")));
+                }
+            }
             results.push(TestResult {
-                verdict: verdict(status, &log, per_test_timeout),
+                verdict,
                 name,
                 secs,
             });
@@ -407,6 +449,23 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_skip_is_put_down_to_the_features_the_kernel_lacks() {
+        let script = "if ! _have_feature \"BATCH_IO\"; then exit 4; fi\n\
+                      _have_feature \"UBLK_F_NO_AUTO_PART_SCAN\"\n_add_ublk_dev -t loop -z f\n";
+        let sid = "UBLK_F_SUPPORT_ZERO_COPY\nUBLK_F_BATCH_IO\nUBLK_F_NO_AUTO_PART_SCAN\n";
+        assert!(missing_features(script, sid).is_empty());
+        assert_eq!(
+            missing_features(script, "UBLK_F_USER_COPY\n"),
+            [
+                "UBLK_F_BATCH_IO",
+                "UBLK_F_NO_AUTO_PART_SCAN",
+                "UBLK_F_SUPPORT_ZERO_COPY"
+            ]
+        );
+        assert!(missing_features("_add_ublk_dev -t null\n", "").is_empty());
+    }
 
     #[test]
     fn verdicts() {
