@@ -70,6 +70,8 @@ const TIMED_OUT: [i32; 2] = [124, 137];
 const RESULTS_FILE: &str = "results";
 /// What `kublk features` (the server under test) printed in the guest.
 const FEATURES_FILE: &str = "features";
+/// The programs the scripts check for that the guest lacks, one a line.
+const MISSING_PROGRAMS_FILE: &str = "missing-programs";
 /// The reason [`verdict`] gives a skip that printed none.
 const NO_REASON: &str = "exit 4, no reason printed";
 
@@ -200,6 +202,12 @@ fn guest_script(
     s += "[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd\n";
     s += "cd \"$st_dir\" || exit 125\nexport TMPDIR=\"$st_dir/work\"\n";
     s += &format!("./kublk features >\"$logs/{FEATURES_FILE}\" 2>&1\n");
+    // The programs the scripts ask for with `_have_program` that the guest
+    // lacks (bpftrace, say): why a test skips without a word.
+    s += &format!(
+        "for p in $(grep -ho '_have_program [a-z_0-9-]*' test_*.sh | sort -u | cut -d' ' -f2); do \
+         command -v \"$p\" >/dev/null 2>&1 || echo \"$p\"; done >\"$logs/{MISSING_PROGRAMS_FILE}\"\n"
+    );
     for t in tests {
         let name = shell_quote(t);
         s += &format!(
@@ -242,6 +250,43 @@ fn missing_features(script: &str, features: &str) -> Vec<String> {
     missing.sort();
     missing.dedup();
     missing
+}
+
+/// The `UBLK_F_*` flags our server's `add` refused in a test's `output`
+/// because the kernel lacks them ("the running kernel's ublk driver does
+/// not support UBLK_F_A|UBLK_F_B …"): a script that uses a feature without
+/// checking for it fails there, on any server.
+fn refused_features(output: &str) -> Vec<String> {
+    const SAID: &str = "the running kernel's ublk driver does not support ";
+    let mut flags: Vec<String> = output
+        .lines()
+        .filter_map(|l| l.split_once(SAID))
+        .filter_map(|(_, rest)| rest.split_whitespace().next())
+        .flat_map(|f| f.split('|'))
+        .filter(|f| f.starts_with("UBLK_F_"))
+        .map(str::to_owned)
+        .collect();
+    flags.sort();
+    flags.dedup();
+    flags
+}
+
+/// The programs a test `script` checks for (`_have_program NAME`) that
+/// are among `missing` (one a line).
+fn missing_programs(script: &str, missing: &str) -> Vec<String> {
+    let mut names: Vec<String> = script
+        .split("_have_program ")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.split(|c: char| !(c.is_ascii_alphanumeric() || "_-".contains(c)))
+                .next()
+        })
+        .filter(|p| !p.is_empty() && missing.lines().any(|m| m.trim() == *p))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Parses the guest's results file: `(name, status, seconds)` per line.
@@ -315,6 +360,15 @@ pub fn run_suite(
                 std::fs::read_to_string(log_dir.join(format!("{name}.log"))).unwrap_or_default();
             remaining.retain(|t| *t != name);
             let mut verdict = verdict(status, &log, per_test_timeout);
+            let refused = refused_features(&log);
+            if matches!(verdict, Verdict::Fail(_)) && !refused.is_empty() {
+                // Not a failure of the server: the script does not check
+                // for a feature the kernel lacks (kublk fails it alike).
+                verdict = Verdict::Skip(format!(
+                    "the kernel lacks {} (the script does not check; add refused it)",
+                    refused.join(", ")
+                ));
+            }
             if matches!(&verdict, Verdict::Skip(why) if why == NO_REASON) {
                 let script =
                     std::fs::read_to_string(peers.selftests.join(format!("test_{name}.sh")))
@@ -322,8 +376,13 @@ pub fn run_suite(
                 let features =
                     std::fs::read_to_string(log_dir.join(FEATURES_FILE)).unwrap_or_default();
                 let missing = missing_features(&script, &features);
+                let programs = std::fs::read_to_string(log_dir.join(MISSING_PROGRAMS_FILE))
+                    .unwrap_or_default();
+                let absent = missing_programs(&script, &programs);
                 if !missing.is_empty() {
                     verdict = Verdict::Skip(format!("the kernel lacks {}", missing.join(", ")));
+                } else if !absent.is_empty() {
+                    verdict = Verdict::Skip(format!("the guest has no {}", absent.join(", ")));
                 }
             }
             results.push(TestResult {
@@ -449,6 +508,23 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_program_is_named() {
+        let script = "if ! _have_program bpftrace; then\n exit 4\nfi\n_have_program fio\n";
+        assert_eq!(missing_programs(script, "bpftrace\nsfdisk\n"), ["bpftrace"]);
+        assert!(missing_programs(script, "").is_empty());
+    }
+
+    #[test]
+    fn a_refused_feature_is_named() {
+        let log = "ublk selftest: integrity_01 starting\nublk: the running kernel's ublk driver does not support UBLK_F_INTEGRITY|UBLK_F_NO_AUTO_PART_SCAN (kernel features: 0x1fe)\nintegrity_01 : [FAIL]\n";
+        assert_eq!(
+            refused_features(log),
+            ["UBLK_F_INTEGRITY", "UBLK_F_NO_AUTO_PART_SCAN"]
+        );
+        assert!(refused_features("dd took 7 seconds\n").is_empty());
+    }
 
     #[test]
     fn a_silent_skip_is_put_down_to_the_features_the_kernel_lacks() {

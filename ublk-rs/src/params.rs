@@ -123,9 +123,9 @@ bitflags::bitflags! {
     /// (`LBMD_PI_CAP_*` of `linux/fs.h`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
     pub struct PiCaps: u32 {
-        /// The device itself checks the protection information: the
-        /// block layer leaves generating and verifying it to the device
-        /// (sysfs `device_is_integrity_capable` 1).
+        /// The device can check protection information itself (sysfs
+        /// `device_is_integrity_capable` 1): the block layer then skips
+        /// what sysfs `read_verify`/`write_generate` turn off.
         const INTEGRITY = 1 << 0;
         /// The reference tag (the low bits of the sector) is checked too.
         const REFTAG = 1 << 1;

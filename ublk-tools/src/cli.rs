@@ -319,8 +319,10 @@ pub struct DevOptions {
     #[arg(long = "metadata_size", alias = "metadata-size", value_parser = clap::value_parser!(u8).range(1..), help_heading = "Integrity")]
     #[serde(default)]
     pub metadata_size: Option<u8>,
-    /// The device checks the protection information itself, so the block
-    /// layer neither generates nor verifies it (LBMD_PI_CAP_INTEGRITY).
+    /// Say the device can check protection information itself
+    /// (LBMD_PI_CAP_INTEGRITY; sysfs device_is_integrity_capable 1): the
+    /// block layer then skips what sysfs read_verify/write_generate turn
+    /// off.
     #[arg(
         long = "integrity_capable",
         alias = "integrity-capable",

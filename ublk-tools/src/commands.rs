@@ -1127,8 +1127,11 @@ pub fn device_ids() -> Vec<u32> {
 }
 
 /// The request timeout `add` gives privileged devices (see
-/// [`ublk::set_io_timeout`]).
-const DEAD_SERVER_NOTICE: std::time::Duration = std::time::Duration::from_secs(5);
+/// [`ublk::set_io_timeout`]). While the server lives the driver only
+/// re-arms the timer, so a short one costs nothing; on Linux 6.12 it is
+/// how long a request held by a killed server waits (kublk's generic_06
+/// wants its writer failed within 5 s).
+const DEAD_SERVER_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A device still LIVE whose server has exited: waits (up to 15 s) for the
 /// kernel to notice. Linux 6.12 notices late, and a STOP_DEV in between can

@@ -217,15 +217,15 @@ fn null_target_and_piped_add_returns() {
 
 #[test]
 #[ignore = "needs ublk_drv: run with cargo xtask test"]
-fn io_scheduler_is_none_unless_asked_and_requests_time_out_in_5_s() {
+fn io_scheduler_is_none_unless_asked_and_requests_time_out_in_1_s() {
     let _cleanup = Cleanup;
     let sched = |id: u32| sh(&format!("cat /sys/block/ublkb{id}/queue/scheduler"));
     let id = first_id(&ok(&["add", "-t", "null"]));
     assert!(sched(id).contains("[none]"), "{}", sched(id));
-    // And a 5 s request timeout, to notice a dead server on Linux 6.12.
+    // And a 1 s request timeout, to notice a dead server on Linux 6.12.
     assert_eq!(
         sh(&format!("cat /sys/block/ublkb{id}/queue/io_timeout")).trim(),
-        "5000"
+        "1000"
     );
     // The kernel's own choice for a single-queue disk.
     let kept = first_id(&ok(&["add", "-t", "null", "--io_scheduler", "default"]));

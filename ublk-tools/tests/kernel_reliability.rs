@@ -452,7 +452,7 @@ fn disrupt_fio_then_del(args: &[&str], engine: &str, how: &str) {
                 "DEAD"
             };
             // Linux 6.12 notices a server that held every tag only when
-            // a request times out: `ublk add` makes that 5 s.
+            // a request times out: `ublk add` makes that 1 s.
             let t = Instant::now();
             wait_state(id, want, 20);
             println!("{want} {:?} after the kill of server {pid}", t.elapsed());
