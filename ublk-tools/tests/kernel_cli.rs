@@ -257,6 +257,15 @@ fn kill_daemon_without_recovery_removes_device() {
     .nth(1)
     .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
     .unwrap();
+    // The daemon leads a session of its own (setsid, as kublk's and
+    // ublksrv's do): no terminal's signals reach it, and the scheduler's
+    // autogroup keeps its queue threads apart from the I/O load's group.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let session: i32 = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(3)?.parse().ok())
+        .unwrap();
+    assert_eq!(session, pid, "the daemon's session id ({stat})");
     sh(&format!("kill -9 {pid}"));
     wait_until("/dev/ublkb to go after kill -9", 20, || {
         !Path::new(&format!("/dev/ublkb{id}")).exists()
