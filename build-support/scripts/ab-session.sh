@@ -23,10 +23,10 @@ run() { # name mode bin
   sleep 4
   local t1=$(awk '{print $14+$15}' /proc/$pid/stat)
   local s1=$(grep -h ^voluntary_ctxt /proc/$pid/task/*/status | awk '{s+=$2} END{print s}')
-  local sid=$(ps -o sid= -p $pid | tr -d ' ')
+  local sid=$(ps -o sid= -p $pid | tr -d ' ') mysid=$(ps -o sid= -p $$ | tr -d ' ')
   wait $fpid
   local iops=$(awk -F';' '/^3;/{print $8}' /tmp/$name.fio)
-  printf "%-22s autogroup=%s iops=%6d cpu_us_per_io=%5.1f req_per_wakeup=%4.1f leads_its_session=%s\n" $name $(cat /proc/sys/kernel/sched_autogroup_enabled) $iops $(echo "($t1-$t0)*10000/($iops*4)" | bc -l) $(echo "$iops*4/($s1-$s0)" | bc -l) $([ "$sid" = "$pid" ] && echo yes || echo no)
+  printf "%-22s autogroup=%s iops=%6d cpu_us_per_io=%5.1f req_per_wakeup=%4.1f own_session=%s\n" $name $(cat /proc/sys/kernel/sched_autogroup_enabled) $iops $(echo "($t1-$t0)*10000/($iops*4)" | bc -l) $(echo "$iops*4/($s1-$s0)" | bc -l) $([ "$sid" != "$mysid" ] && echo yes || echo no)
   $bin del -n 0 >/dev/null 2>&1
   sleep 1.5
 }

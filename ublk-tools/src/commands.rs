@@ -712,24 +712,20 @@ fn add(mut a: AddArgs, recover: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// Starts the daemon in a session of its own (`setsid`, as kublk's and
-/// ublksrv's daemons do): no terminal's Ctrl-C or hang-up reaches it, and
-/// the scheduler's autogroup (`/proc/sys/kernel/sched_autogroup_enabled`)
-/// gives it a group of its own. The latter is what makes a 2-queue device
-/// fast when the I/O load runs in the caller's session: in the caller's
-/// group each queue thread preempted the submitting fio job at every wake-up
-/// and served ~4 requests per `io_uring_enter`; in its own group it serves
-/// ~9 (README, Benchmarks).
+/// rublk's daemons do): no terminal's Ctrl-C or hang-up reaches it, and the
+/// scheduler's autogroup gives it a group of its own, so its queue threads
+/// do not preempt the caller's I/O load at every wake-up (README,
+/// Benchmarks: this is what made two queues as fast as the peers').
 #[allow(unsafe_code)] // a pre-exec hook: the one unsafe call of the tools
 fn own_session(cmd: &mut std::process::Command) {
     // SAFETY: the hook runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: setsid(2) is a bare system call
-    // (rustix calls it directly), and the error is converted without
-    // allocating (`io::Error::from_raw_os_error`).
+    // (rustix calls it directly), and `Errno` becomes an `io::Error`
+    // without allocating.
     unsafe {
         cmd.pre_exec(|| {
-            rustix::process::setsid()
-                .map(drop)
-                .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
+            rustix::process::setsid()?;
+            Ok(())
         })
     };
 }

@@ -249,23 +249,16 @@ fn io_scheduler_is_none_unless_asked_and_requests_time_out_in_1_s() {
 fn kill_daemon_without_recovery_removes_device() {
     let _cleanup = Cleanup;
     let id = first_id(&ok(&["add", "-t", "null"]));
-    let pid: i32 = sh(&format!(
-        "{} list -n {id} --json",
-        env!("CARGO_BIN_EXE_ublk")
-    ))
-    .split("\"daemon_pid\": ")
-    .nth(1)
-    .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-    .unwrap();
+    let pid = daemon_pid(id);
     // The daemon leads a session of its own (setsid, as kublk's and
-    // ublksrv's do): no terminal's signals reach it, and the scheduler's
+    // rublk's do): no terminal's signals reach it, and the scheduler's
     // autogroup keeps its queue threads apart from the I/O load's group.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let session: i32 = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(3)?.parse().ok())
-        .unwrap();
-    assert_eq!(session, pid, "the daemon's session id ({stat})");
+    let daemon = rustix::process::Pid::from_raw(pid);
+    assert_eq!(
+        rustix::process::getsid(daemon).ok(),
+        daemon,
+        "the daemon's session"
+    );
     sh(&format!("kill -9 {pid}"));
     wait_until("/dev/ublkb to go after kill -9", 20, || {
         !Path::new(&format!("/dev/ublkb{id}")).exists()
