@@ -61,7 +61,7 @@ fn serve(tool: &str, args: &[&str], sock: &Path) -> Server {
     wait_until(
         &format!("{tool} to listen on {}", sock.display()),
         60,
-        || sock.exists(),
+        || unix_socket_listening(sock),
     );
     s
 }

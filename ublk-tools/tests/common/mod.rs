@@ -189,6 +189,20 @@ pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Whether a Unix socket listens at `path`. A server binds (which makes
+/// the file) a moment before it listens; a client in between is refused.
+/// `/proc/net/unix` marks a listening socket with `__SO_ACCEPTCON` in its
+/// flags column.
+pub fn unix_socket_listening(path: &std::path::Path) -> bool {
+    const SO_ACCEPTCON: u32 = 1 << 16;
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.get(7).is_some_and(|p| std::path::Path::new(p) == path)
+            && u32::from_str_radix(cols[3], 16).is_ok_and(|f| f & SO_ACCEPTCON != 0)
+    })
+}
+
 pub fn scratch() -> PathBuf {
     let dir = PathBuf::from(format!("/tmp/ublk-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
