@@ -542,3 +542,24 @@ fn a_malformed_reply_fails_the_request_not_the_daemon() {
     t.join().unwrap();
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
 }
+
+/// From Linux 7.2 a receive goes into a registered buffer (read data in
+/// the zero-copy modes: one `MSG_WAITALL` receive); before, the target
+/// reads such data piece by piece with `READ_FIXED`. The probe must say
+/// which: the fio runs above pass either way.
+#[test]
+#[ignore = "needs ublk_drv: run with cargo xtask test"]
+fn receive_into_registered_buffers_from_linux_7_2() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut nums = release.split(|c: char| !c.is_ascii_digit());
+    let version: (u32, u32) = (
+        nums.next().unwrap().parse().unwrap(),
+        nums.next().unwrap().parse().unwrap(),
+    );
+    assert_eq!(
+        ublk::targets::nbd::recv_into_registered_buffers(),
+        version >= (7, 2),
+        "Linux {}",
+        release.trim()
+    );
+}
