@@ -327,6 +327,9 @@ enum Receiving {
 /// the first request in one turns staging off for good, and is not sent
 /// while a staged receive is in flight (that receive could take its reply's
 /// data); replies are then received piece by piece where the reader says.
+/// Read data for a registered buffer is one `MSG_WAITALL` receive where
+/// the kernel has it ([`recv_into_registered_buffers`], Linux 7.2), and
+/// `READ_FIXED`s of what the socket holds before.
 #[derive(Debug)]
 pub struct NbdTarget {
     addr: NbdAddr,
