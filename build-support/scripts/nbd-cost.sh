@@ -3,11 +3,12 @@
 # the kernel's client nbd.ko, on one `nbdkit memory` server over a Unix
 # socket; fio io_uring direct, 4k random reads at depth 32 and 1 MiB reads
 # at depth 8, 5 s each, rounds interleaved. Per I/O: the whole guest's busy
-# CPU (/proc/stat), nbdkit's, our daemon's, fio's (/proc/PID/stat, 10 ms
-# ticks), and the guest's context switches (perf stat).
+# CPU (/proc/stat), nbdkit's and our daemon's (/proc/PID/stat, 10 ms ticks),
+# all over one window mid-run; fio's (its own usr+sys over its run); and the
+# guest's context switches in the window (perf stat).
 #
 #   cargo build --release -p ublk-tools --bin ublk
-#   cargo xtask vm --kernel sid -- "$PWD/build-support/scripts/nbd-cost.sh"
+#   cargo xtask vm --kernel sid -- env ROUNDS="1 2 3" "$PWD/build-support/scripts/nbd-cost.sh"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OURS=/tmp/ours-ublk; cp "$ROOT/target/release/ublk" $OURS
 SOCK=/tmp/nbd-cost.sock; rm -f $SOCK
