@@ -11,6 +11,12 @@
 //! duration to the `results` file beside it. ksft's exit 4 is a skip; any `[FAIL]` in the
 //! output is a failure whatever the exit status (the stress and recover
 //! scripts run cases as background jobs whose failure does not reach it).
+//!
+//! A script that times out, or after which the clean-up `kublk del -a`
+//! does not return in two minutes, leaves the kernel's log beside its own
+//! (`NAME.dmesg`, with every blocked task's stack). A clean-up that hung
+//! means a wedged guest kernel: the tests after it fail as not run rather
+//! than each waiting out its timeout.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -72,6 +78,12 @@ const RESULTS_FILE: &str = "results";
 const FEATURES_FILE: &str = "features";
 /// The programs the scripts check for that the guest lacks, one a line.
 const MISSING_PROGRAMS_FILE: &str = "missing-programs";
+/// The file in the log directory naming the test after which `del -a`
+/// did not return: the guest kernel is wedged, and the tests after it are
+/// not run.
+const WEDGED_FILE: &str = "wedged";
+/// Seconds the clean-up `del -a` after each test may take.
+const DEL_TIMEOUT: u64 = 120;
 /// The reason [`verdict`] gives a skip that printed none.
 const NO_REASON: &str = "exit 4, no reason printed";
 
@@ -182,6 +194,7 @@ fn guest_script(
     tests: &[String],
     log_dir: &Path,
     per_test_timeout: u64,
+    del_timeout: u64,
 ) -> Result<String> {
     let q = |p: &Path, what: &str| util::utf8(p.as_os_str(), what).map(shell_quote);
     let mut s = format!(
@@ -208,14 +221,21 @@ fn guest_script(
         "for p in $(grep -ho '_have_program [a-z_0-9-]*' test_*.sh | sort -u | cut -d' ' -f2); do \
          command -v \"$p\" >/dev/null 2>&1 || echo \"$p\"; done >\"$logs/{MISSING_PROGRAMS_FILE}\"\n"
     );
+    // The kernel's log with every blocked task's stack (sysrq w; the
+    // console is `quiet`, so the hung-task reports show there without
+    // them): what a hang leaves to read.
+    s += "kernel_log() { echo w >/proc/sysrq-trigger 2>/dev/null; sleep 1; dmesg >\"$logs/$1.dmesg\" 2>&1; }\n";
     for t in tests {
         let name = shell_quote(t);
         s += &format!(
             "echo {header}\nstart=$(date +%s)\n\
              timeout -k 10 {per_test_timeout} bash ./test_{t}.sh >\"$logs/\"{name}.log 2>&1 </dev/null\n\
              st=$?\nend=$(date +%s)\ncat \"$logs/\"{name}.log\n\
-             ./kublk del -a >/dev/null 2>&1\n\
-             echo $st $((end - start)) {name} >>\"$logs/{RESULTS_FILE}\"\n",
+             case $st in 124|137) kernel_log {name} ;; esac\n\
+             timeout -k 10 {del_timeout} ./kublk del -a >/dev/null 2>&1\n\
+             case $? in 124|137) kernel_log {name}; echo {name} >\"$logs/{WEDGED_FILE}\" ;; esac\n\
+             echo $st $((end - start)) {name} >>\"$logs/{RESULTS_FILE}\"\n\
+             [ -e \"$logs/{WEDGED_FILE}\" ] && exit 0\n",
             header = shell_quote(&format!("=== selftest {t} ===")),
         );
     }
@@ -337,7 +357,14 @@ pub fn run_suite(
     let mut remaining = tests.to_vec();
     let mut panics = 0;
     while !remaining.is_empty() {
-        let script = guest_script(peers, server.1, &remaining, &log_dir, per_test_timeout)?;
+        let script = guest_script(
+            peers,
+            server.1,
+            &remaining,
+            &log_dir,
+            per_test_timeout,
+            DEL_TIMEOUT,
+        )?;
         // After a guest kernel oops (see `cargo xtask test`), a new guest
         // runs what had not reported, the test that was running included.
         let end = match vm::run(kernel, vm_opts, &script) {
@@ -352,6 +379,9 @@ pub fn run_suite(
         // The results file rather than the console's rig lines: it keeps
         // what reported when the guest then timed out or QEMU died.
         let reported = std::fs::read_to_string(log_dir.join(RESULTS_FILE)).unwrap_or_default();
+        let wedged = std::fs::read_to_string(log_dir.join(WEDGED_FILE))
+            .ok()
+            .map(|w| w.trim().to_owned());
         for (name, status, secs) in parse_results(&reported) {
             if !remaining.contains(&name) {
                 continue;
@@ -360,6 +390,22 @@ pub fn run_suite(
                 std::fs::read_to_string(log_dir.join(format!("{name}.log"))).unwrap_or_default();
             remaining.retain(|t| *t != name);
             let mut verdict = verdict(status, &log, per_test_timeout);
+            let kernel_log = log_dir.join(format!("{name}.dmesg"));
+            if let Verdict::Fail(why) = &mut verdict {
+                if kernel_log.exists() {
+                    why.push_str(&format!(" (kernel log: {})", kernel_log.display()));
+                }
+            }
+            if wedged.as_deref() == Some(name.as_str()) {
+                let hung = format!(
+                    "`del -a` after it did not return in {DEL_TIMEOUT} s: the guest kernel is wedged (kernel log: {})",
+                    kernel_log.display()
+                );
+                verdict = match verdict {
+                    Verdict::Fail(why) => Verdict::Fail(format!("{why}; {hung}")),
+                    _ => Verdict::Fail(hung),
+                };
+            }
             let refused = refused_features(&log);
             if matches!(verdict, Verdict::Fail(_)) && !refused.is_empty() {
                 // Not a failure of the server: the script does not check
@@ -391,6 +437,11 @@ pub fn run_suite(
                 secs,
             });
         }
+        // A wedged kernel would hang every test after it: they are not run.
+        let end = match &wedged {
+            Some(w) => Some(format!("not run: the guest kernel was wedged after {w}")),
+            None => end,
+        };
         if let Some(why) = end {
             results.extend(remaining.drain(..).map(|name| TestResult {
                 name,
@@ -508,6 +559,62 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guest script run by the host's bash against a fake suite whose
+    /// server's `del` never returns: the first test's clean-up times out,
+    /// the kernel log is kept, the test is named wedged, and the tests
+    /// after it are not run.
+    #[test]
+    fn a_hung_clean_up_stops_the_suite_and_keeps_the_kernel_log() {
+        let root = std::env::temp_dir().join(format!("selftests-wedged-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (src, logs, st) = (root.join("src"), root.join("logs"), root.join("st"));
+        std::fs::create_dir_all(&src).unwrap();
+        for t in ["a", "b"] {
+            std::fs::write(src.join(format!("test_{t}.sh")), "echo ran\nexit 0\n").unwrap();
+        }
+        let server = root.join("server");
+        std::fs::write(
+            &server,
+            "#!/bin/sh\n[ \"$1\" = del ] && exec sleep 30\nexit 0\n",
+        )
+        .unwrap();
+        let peers = Kublk {
+            kublk: server.clone(),
+            metadata_size: None,
+            selftests: src,
+            version: String::new(),
+        };
+        let tests = ["a".to_owned(), "b".to_owned()];
+        let script = guest_script(&peers, &server, &tests, &logs, 10, 1)
+            .unwrap()
+            // The host's own sysrq and scratch directory stay untouched.
+            .replace("/proc/sysrq-trigger", root.join("sysrq").to_str().unwrap())
+            .replace("/tmp/ublk-selftests", st.to_str().unwrap());
+        let status = std::process::Command::new("bash")
+            .args(["-c", &format!("chmod +x {}; {script}", server.display())])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let results = std::fs::read_to_string(logs.join(RESULTS_FILE)).unwrap();
+        assert_eq!(
+            parse_results(&results)
+                .iter()
+                .map(|r| (r.0.as_str(), r.1))
+                .collect::<Vec<_>>(),
+            [("a", 0)]
+        );
+        assert_eq!(
+            std::fs::read_to_string(logs.join(WEDGED_FILE))
+                .unwrap()
+                .trim(),
+            "a"
+        );
+        assert!(logs.join("a.dmesg").exists());
+        assert!(!logs.join("b.log").exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn a_missing_program_is_named() {

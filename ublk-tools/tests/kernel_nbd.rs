@@ -379,7 +379,12 @@ fn server_killed_without_recovery_fails_io_and_deletes() {
 
 /// A fake NBD server on `sock`, for one connection: sends `script` after
 /// reading `skip` bytes, then closes.
-fn fake_server(sock: &Path, script: Vec<u8>, read_first: usize) -> std::thread::JoinHandle<()> {
+fn fake_server(
+    sock: &Path,
+    script: Vec<u8>,
+    read_first: usize,
+    close: Close,
+) -> std::thread::JoinHandle<()> {
     let _ = std::fs::remove_file(sock);
     let l = UnixListener::bind(sock).unwrap();
     std::thread::spawn(move || {
@@ -388,8 +393,22 @@ fn fake_server(sock: &Path, script: Vec<u8>, read_first: usize) -> std::thread::
             let _ = s.write_all(&script[..18.min(script.len())]);
             let _ = s.read_exact(&mut skip);
             let _ = s.write_all(&script[18.min(script.len())..]);
+            if close == Close::AfterClient {
+                let _ = std::io::copy(&mut s, &mut std::io::sink());
+            }
         }
     })
+}
+
+/// When a [`fake_server`] hangs up once it has sent its script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// At once: the client meets the closed connection.
+    AtOnce,
+    /// Once the client has: closing first while the client still sends
+    /// (its option after the flags the server read) could fail that send
+    /// (EPIPE) before the client reads the reply under test.
+    AfterClient,
 }
 
 fn greeting() -> Vec<u8> {
@@ -436,7 +455,7 @@ fn bad_servers_are_one_line_and_leave_no_device() {
     }
     // A server that closes mid-handshake.
     let sock = dir.join("fake.sock");
-    let t = fake_server(&sock, greeting(), 0);
+    let t = fake_server(&sock, greeting(), 0, Close::AtOnce);
     check(
         &["add", "-t", "nbd", &uri("x", &sock)],
         "closed the connection during the handshake",
@@ -448,7 +467,7 @@ fn bad_servers_are_one_line_and_leave_no_device() {
     script.extend_from_slice(&99u32.to_be_bytes());
     script.extend_from_slice(&1u32.to_be_bytes());
     script.extend_from_slice(&0u32.to_be_bytes());
-    let t = fake_server(&sock, script, 4);
+    let t = fake_server(&sock, script, 4, Close::AfterClient);
     check(
         &["add", "-t", "nbd", &uri("x", &sock)],
         "protocol error: reply to option 99",
@@ -459,6 +478,7 @@ fn bad_servers_are_one_line_and_leave_no_device() {
         &sock,
         b"SSH-2.0-OpenSSH_9.2\r\n\0\0\0\0\0\0\0\0".to_vec(),
         0,
+        Close::AtOnce,
     );
     check(
         &["add", "-t", "nbd", &uri("x", &sock)],
