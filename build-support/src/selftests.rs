@@ -225,15 +225,16 @@ fn guest_script(
     // console is `quiet`, so the hung-task reports show there without
     // them): what a hang leaves to read.
     s += "kernel_log() { echo w >/proc/sysrq-trigger 2>/dev/null; sleep 1; dmesg >\"$logs/$1.dmesg\" 2>&1; }\n";
+    let timed_out = TIMED_OUT.map(|c| c.to_string()).join("|");
     for t in tests {
         let name = shell_quote(t);
         s += &format!(
             "echo {header}\nstart=$(date +%s)\n\
              timeout -k 10 {per_test_timeout} bash ./test_{t}.sh >\"$logs/\"{name}.log 2>&1 </dev/null\n\
              st=$?\nend=$(date +%s)\ncat \"$logs/\"{name}.log\n\
-             case $st in 124|137) kernel_log {name} ;; esac\n\
+             case $st in {timed_out}) kernel_log {name} ;; esac\n\
              timeout -k 10 {del_timeout} ./kublk del -a >/dev/null 2>&1\n\
-             case $? in 124|137) kernel_log {name}; echo {name} >\"$logs/{WEDGED_FILE}\" ;; esac\n\
+             case $? in {timed_out}) kernel_log {name}; echo {name} >\"$logs/{WEDGED_FILE}\" ;; esac\n\
              echo $st $((end - start)) {name} >>\"$logs/{RESULTS_FILE}\"\n\
              [ -e \"$logs/{WEDGED_FILE}\" ] && exit 0\n",
             header = shell_quote(&format!("=== selftest {t} ===")),
@@ -390,22 +391,6 @@ pub fn run_suite(
                 std::fs::read_to_string(log_dir.join(format!("{name}.log"))).unwrap_or_default();
             remaining.retain(|t| *t != name);
             let mut verdict = verdict(status, &log, per_test_timeout);
-            let kernel_log = log_dir.join(format!("{name}.dmesg"));
-            if let Verdict::Fail(why) = &mut verdict {
-                if kernel_log.exists() {
-                    why.push_str(&format!(" (kernel log: {})", kernel_log.display()));
-                }
-            }
-            if wedged.as_deref() == Some(name.as_str()) {
-                let hung = format!(
-                    "`del -a` after it did not return in {DEL_TIMEOUT} s: the guest kernel is wedged (kernel log: {})",
-                    kernel_log.display()
-                );
-                verdict = match verdict {
-                    Verdict::Fail(why) => Verdict::Fail(format!("{why}; {hung}")),
-                    _ => Verdict::Fail(hung),
-                };
-            }
             let refused = refused_features(&log);
             if matches!(verdict, Verdict::Fail(_)) && !refused.is_empty() {
                 // Not a failure of the server: the script does not check
@@ -429,6 +414,22 @@ pub fn run_suite(
                     verdict = Verdict::Skip(format!("the kernel lacks {}", missing.join(", ")));
                 } else if !absent.is_empty() {
                     verdict = Verdict::Skip(format!("the guest has no {}", absent.join(", ")));
+                }
+            }
+            // Last, so that no skip reasoning above hides a wedged kernel.
+            if wedged.as_deref() == Some(name.as_str()) {
+                let hung = format!(
+                    "`del -a` after it did not return in {DEL_TIMEOUT} s: the guest kernel is wedged"
+                );
+                verdict = match verdict {
+                    Verdict::Fail(why) => Verdict::Fail(format!("{why}; {hung}")),
+                    _ => Verdict::Fail(hung),
+                };
+            }
+            let kernel_log = log_dir.join(format!("{name}.dmesg"));
+            if let Verdict::Fail(why) = &mut verdict {
+                if kernel_log.exists() {
+                    why.push_str(&format!(" (kernel log: {})", kernel_log.display()));
                 }
             }
             results.push(TestResult {

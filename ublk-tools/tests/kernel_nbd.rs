@@ -377,8 +377,9 @@ fn server_killed_without_recovery_fails_io_and_deletes() {
     wait_until("the device nodes to go", 10, || ublk_nodes().is_empty());
 }
 
-/// A fake NBD server on `sock`, for one connection: sends `script` after
-/// reading `skip` bytes, then closes.
+/// A fake NBD server on `sock`, for one connection: sends the greeting
+/// (the first 18 bytes of `script`), reads `read_first` bytes, sends the
+/// rest, then hangs up as `close` says.
 fn fake_server(
     sock: &Path,
     script: Vec<u8>,
