@@ -13,7 +13,8 @@
 # OURS_B=PATH adds a server `ours_b`: a second build of `ublk` (another
 # profile, say), run like ours in the same rounds, for an A/B.
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-OURS=/tmp/ours/ublk; mkdir -p /tmp/ours; cp "$ROOT/target/release/ublk" $OURS
+# Each build of ours lives in /tmp/SERVER/ublk (its process name is `ublk`).
+mkdir -p /tmp/ours; cp "$ROOT/target/release/ublk" /tmp/ours/ublk
 SERVERS="ours kublk rublk"
 if [ -n "$OURS_B" ]; then
   mkdir -p /tmp/ours_b; cp "$OURS_B" /tmp/ours_b/ublk; SERVERS="ours ours_b kublk rublk"
@@ -35,21 +36,21 @@ ticks() { # pid: "user kernel iowq" ticks summed over threads
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
 add() { # server target
   case $1 in
-    ours) $OURS add -t $2 -q 1 -d 128 --quiet $([ $2 = loop ] && echo -f $FILE) ;;
-    ours_b) /tmp/ours_b/ublk add -t $2 -q 1 -d 128 --quiet $([ $2 = loop ] && echo -f $FILE) ;;
+    ours*) /tmp/$1/ublk add -t $2 -q 1 -d 128 --quiet $([ $2 = loop ] && echo -f $FILE) ;;
     kublk) $KUBLK add -t $2 -q 1 -d 128 $([ $2 = loop ] && echo $FILE) ;;
     rublk) $RUBLK add $2 -q 1 -d 128 $([ $2 = loop ] && echo -f $FILE) ;;
   esac </dev/null >/dev/null 2>&1
 }
 del() {
   case $1 in
-    ours) $OURS del -a ;; ours_b) /tmp/ours_b/ublk del -a ;; kublk) $KUBLK del -a ;; rublk) $RUBLK del -a ;;
+    ours*) /tmp/$1/ublk del -a ;; kublk) $KUBLK del -a ;; rublk) $RUBLK del -a ;;
   esac >/dev/null 2>&1
 }
 # Columns: IOPS, then µs of CPU per I/O: the daemon's user time, its
 # kernel time (threads other than io-wq workers), its io-wq workers', fio's
 # (its own report), and the whole guest's busy time (/proc/stat; under TCG
-# its ticks come out below the processes' own, so it is shown, not used).
+# it disagrees with the processes' own ticks, below them on one host and
+# above on another, so it is shown, not used).
 # share = the daemon's user time / (daemon + fio): an upper bound of what a
 # server's own code is of a request's CPU (interrupt work is left out).
 HEAD=$(printf "%-6s %-14s %7s %7s %7s %7s %7s %7s" server row iops d_user d_kern iowq fio guest)
@@ -61,8 +62,7 @@ run() { # server target rw
   for _ in $(seq 50); do [ -b /dev/ublkb0 ] && break; sleep 0.2; done
   sleep 1
   echo none > /sys/block/ublkb0/queue/scheduler
-  local pid=$(pgrep -n -x $srv | head -1)
-  case $srv in ours*) pid=$(pgrep -n -x ublk) ;; esac
+  local pid=$(pgrep -n -x $(case $srv in ours*) echo ublk ;; *) echo $srv ;; esac))
   fio --name=b --filename=/dev/ublkb0 --direct=1 --ioengine=io_uring --rw=$rw --bs=4k --iodepth=32 --time_based --runtime=6 --output-format=terse --terse-version=3 > /tmp/fio.out 2>&1 &
   local fpid=$!
   sleep 1
@@ -90,8 +90,8 @@ echo; echo "medians over the rounds"
 echo "$HEAD   share"
 for row in null-randread null-randwrite loop-randread loop-randwrite; do
   for srv in $SERVERS; do
-    awk -v s=$srv -v r=$row '$1 == s && $2 == r' /tmp/split.txt | awk '
-      { for (c = 3; c <= 8; c++) v[c, NR] = $c; n = NR; name = $1; row = $2 }
+    awk -v s=$srv -v r=$row '
+      $1 == s && $2 == r { n++; for (c = 3; c <= 8; c++) v[c, n] = $c; name = $1; row = $2 }
       END {
         if (!n) exit
         printf "%-6s %-14s", name, row
@@ -102,6 +102,6 @@ for row in null-randread null-randwrite loop-randread loop-randwrite; do
           printf (c == 3) ? " %7d" : " %7.1f", m[c]
         }
         printf "   %4.1f%%\n", 100 * m[4] / (m[4] + m[5] + m[6] + m[7])
-      }'
+      }' /tmp/split.txt
   done
 done

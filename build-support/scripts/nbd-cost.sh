@@ -17,23 +17,23 @@ OURS=/tmp/ours-ublk; cp "$ROOT/target/release/ublk" $OURS
 SOCK=/tmp/nbd-cost.sock; rm -f $SOCK
 cd /tmp
 modprobe ublk_drv; modprobe nbd nbds_max=1
-ticks() { [ -n "$1" ] && awk '{print $14+$15}' /proc/$1/stat || echo 0; }
-uticks() { [ -n "$1" ] && awk '{print $14}' /proc/$1/stat || echo 0; }
+# "all user" ticks of a process (utime+stime, utime), from one read.
+ticks() { [ -n "$1" ] && awk '{print $14+$15, $14}' /proc/$1/stat || echo 0 0; }
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 run() { # name dev daemon-pid bs rw qd
   local name=$1 dev=$2 pid=$3 bs=$4 rw=$5 qd=$6
   fio --name=b --filename=$dev --direct=1 --ioengine=io_uring --rw=$rw --bs=$bs --iodepth=$qd --time_based --runtime=5 --output-format=json > /tmp/nbd-cost.fio 2>/tmp/nbd-cost.err &
   sleep 1
-  local t0=$(date +%s.%N) b0=$(busy) k0=$(ticks $NBDKIT) d0=$(ticks $pid) u0=$(uticks $pid)
+  local t0=$(date +%s.%N) b0=$(busy) k0=($(ticks $NBDKIT)) d0=($(ticks $pid))
   perf stat -a -x, -e context-switches -o /tmp/nbd-cost.perf -- sleep 2.5 2>/dev/null
-  local t1=$(date +%s.%N) b1=$(busy) k1=$(ticks $NBDKIT) d1=$(ticks $pid) u1=$(uticks $pid)
+  local t1=$(date +%s.%N) b1=$(busy) k1=($(ticks $NBDKIT)) d1=($(ticks $pid))
   wait
   # fio's IOPS and its own CPU per I/O (usr + sys over its run).
   local r=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; r=j["read"]["iops"]; print(int(r), (j["usr_cpu"]+j["sys_cpu"])*1e4/r)' /tmp/nbd-cost.fio)
   local iops=${r% *} fio_us=${r#* }
   local cs=$(awk -F, '/context-switches/{print $1}' /tmp/nbd-cost.perf)
   # Ticks of 10 ms over the window's I/Os (at fio's mean rate): µs per I/O.
-  awk -v n="$name" -v bs=$bs -v qd=$qd -v i=$iops -v t=$(echo "$t1 - $t0" | bc -l) -v b=$((b1-b0)) -v k=$((k1-k0)) -v d=$((d1-d0)) -v du=$((u1-u0)) -v f=$fio_us -v cs=$cs 'BEGIN {
+  awk -v n="$name" -v bs=$bs -v qd=$qd -v i=$iops -v t=$(echo "$t1 - $t0" | bc -l) -v b=$((b1-b0)) -v k=$((k1[0]-k0[0])) -v d=$((d1[0]-d0[0])) -v du=$((d1[1]-d0[1])) -v f=$fio_us -v cs=$cs 'BEGIN {
     io = i * t; u = 10000 / io
     printf "%-5s qd%-2s %-16s iops=%6d  guest_us/io=%6.0f nbdkit=%6.0f daemon=%6.0f (user %4.1f) fio=%5.0f rest=%5.0f  ctxsw/io=%5.1f\n",
       bs, qd, n, i, b*u, k*u, d*u, du*u, f, b*u-k*u-d*u-f, cs/io }'
